@@ -1,0 +1,141 @@
+"""The ``medseg`` command: each verb parses its arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medseg_lightning import __version__
+from medseg_lightning.config import ConfigError, config_to_yaml, load_config
+from medseg_lightning.data.io import DataError
+
+if TYPE_CHECKING:
+    from medseg_lightning.config_schema import ExperimentConfig
+    from medseg_lightning.data.check import PreparedDataset
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_experiment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.loader.batch_size=8 (repeatable)")
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(config_to_yaml(load_config(args.experiment, args.overrides)), end="")
+    return 0
+
+
+def _data_manifest(args: argparse.Namespace) -> int:
+    from medseg_lightning.data.manifest import build_manifest, write_manifest
+
+    out = args.out or args.folder / "manifest.csv"
+    if out.exists() and not args.force:
+        print(f"error: {out} exists (it may hold attribute columns you added); use --force to replace it",
+              file=sys.stderr)
+        return 1
+    table = build_manifest(args.folder)
+    image_columns = [column for column in table.columns if column.startswith("image")]
+    root = out.parent.resolve()
+    for column in [*image_columns, "mask"]:  # paths are relative to the manifest's own folder
+        table[column] = [Path(os.path.relpath((args.folder / p).resolve(), root)).as_posix() for p in table[column]]
+    write_manifest(table, out)
+    print(f"wrote {out}: {len(table)} cases, image column(s) {', '.join(image_columns)}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, PreparedDataset]:
+    from medseg_lightning.data.check import prepare_dataset
+
+    config = load_config(args.experiment, args.overrides)
+    return config, prepare_dataset(config.data)
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    config, dataset = _prepare(args)
+    for problem in dataset.problems:
+        print(f"ERROR {problem}")
+    counts = Counter(dataset.splits.values())
+    splits = ", ".join(f"{name} {counts.get(name, 0)}" for name in ("train", "val", "test"))
+    status = f"{len(dataset.problems)} problem(s)" if dataset.problems else "OK"
+    print(f"{config.name}: {len(dataset.cases)} valid case(s) ({splits}); {status}")
+    return 1 if dataset.problems else 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from medseg_lightning.data.fingerprint import write_fingerprint
+
+    config, dataset = _prepare(args)
+    if dataset.problems:
+        for problem in dataset.problems:
+            print(f"ERROR {problem}")
+        return 1
+    out = args.out or Path("data/prepared") / f"{config.name}.fingerprint.json"
+    write_fingerprint(dataset.fingerprint, out)
+    print(f"prepared {len(dataset.cases)} case(s); fingerprint {dataset.fingerprint['fingerprint'][:12]} -> {out}")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from medseg_lightning.data.synth import generate_cohort, parse_hard_group
+
+    hard = parse_hard_group(args.hard_group) if args.hard_group else None
+    manifest = generate_cohort(args.out, args.cases, seed=args.seed, shape=tuple(args.shape), hard_group=hard,
+                               cases_per_subject=args.cases_per_subject)
+    print(f"wrote {args.cases} synthetic case(s) and {manifest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Medical image segmentation experiments.")
+    parser.add_argument("--version", action="version", version=f"medseg-lightning {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    config = verbs.add_parser("config", help="inspect experiment configs").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved config (base, overrides and defaults applied)")
+    _add_experiment(show)
+    show.set_defaults(handler=_config_show)
+
+    data = verbs.add_parser("data", help="build manifests, check and prepare data, make synthetic cohorts")
+    actions = data.add_subparsers(dest="action", required=True)
+    manifest = actions.add_parser("manifest", help="write manifest.csv for an MSD or images/masks folder")
+    manifest.add_argument("folder", type=Path)
+    manifest.add_argument("--out", type=Path, help="manifest path (default: FOLDER/manifest.csv)")
+    manifest.add_argument("--force", action="store_true", help="replace an existing manifest")
+    manifest.set_defaults(handler=_data_manifest)
+    check = actions.add_parser("check", help="validate every case; one line per problem, exit 1 if any")
+    _add_experiment(check)
+    check.set_defaults(handler=_data_check)
+    prepare = actions.add_parser("prepare", help="check, fill the preprocessing cache, write the fingerprint")
+    _add_experiment(prepare)
+    prepare.add_argument("--out", type=Path, help="fingerprint JSON (default: data/prepared/NAME.fingerprint.json)")
+    prepare.set_defaults(handler=_data_prepare)
+    synth = actions.add_parser("synth", help="write a synthetic NIfTI cohort with demographic attributes")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--cases", type=int, default=40)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shape", type=int, nargs=3, default=[48, 48, 32], metavar=("X", "Y", "Z"))
+    synth.add_argument("--hard-group", help="make one group harder, e.g. sex=F or site=B:0.5 (severity)")
+    synth.add_argument("--cases-per-subject", type=int, default=1)
+    synth.set_defaults(handler=_data_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

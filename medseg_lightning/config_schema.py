@@ -1,0 +1,159 @@
+"""Typed experiment configuration: every knob is a validated field with a default that works.
+
+The schema lives apart from the loader (``config.py``) so that reading the fields is reading the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IntensityConfig(StrictModel):
+    """Intensity normalisation of one modality (channel).
+
+    ``zscore`` suits MRI (arbitrary units), ``ct_window`` suits CT (Hounsfield units have a meaning, so a fixed
+    window is kept), ``percentile`` clips outliers then rescales to [0, 1].
+    """
+
+    method: Literal["zscore", "percentile", "ct_window", "minmax", "none"] = "zscore"
+    window: tuple[float, float] | None = Field(None, description="ct_window: lower and upper value, e.g. [-100, 400]")
+    percentiles: tuple[float, float] = Field((0.5, 99.5), description="percentile: clipping percentiles")
+    nonzero_only: bool = Field(False, description="zscore: statistics over non-zero voxels only (skull-stripped MRI)")
+
+    @model_validator(mode="after")
+    def _check_method_arguments(self) -> IntensityConfig:
+        if self.method == "ct_window" and self.window is None:
+            raise ValueError("method 'ct_window' needs 'window: [lower, upper]'")
+        if self.window is not None and self.window[0] >= self.window[1]:
+            raise ValueError(f"window lower {self.window[0]} must be below upper {self.window[1]}")
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {list(self.percentiles)}")
+        return self
+
+
+class PreprocessConfig(StrictModel):
+    """Per-case preprocessing, computed once and cached."""
+
+    intensity: IntensityConfig | list[IntensityConfig] = Field(
+        default_factory=IntensityConfig, description="one setting for every channel, or a list with one per channel"
+    )
+    target_size: tuple[int, int] | None = Field(
+        None, description="in-plane size (rows, cols) of every slice; null keeps the native size (needs equal shapes)"
+    )
+    resize_mode: Literal["pad_crop", "resize"] = Field(
+        "pad_crop", description="pad_crop keeps the voxel spacing (centre pad/crop); resize interpolates"
+    )
+
+    @model_validator(mode="after")
+    def _check_size(self) -> PreprocessConfig:
+        if self.target_size is not None and min(self.target_size) < 1:
+            raise ValueError(f"target_size must be positive, got {list(self.target_size)}")
+        return self
+
+    def intensity_for(self, n_channels: int) -> list[IntensityConfig]:
+        """The intensity setting of each channel; a single setting applies to all."""
+        if isinstance(self.intensity, IntensityConfig):
+            return [self.intensity] * n_channels
+        if len(self.intensity) != n_channels:
+            raise ValueError(f"preprocessing.intensity lists {len(self.intensity)} settings for {n_channels} channels")
+        return list(self.intensity)
+
+
+class SlicingConfig(StrictModel):
+    """How volumes become 2D (or 2.5D) training samples."""
+
+    axis: Literal[0, 1, 2] = Field(2, description="voxel axis (after canonical RAS reorientation) to slice along")
+    context: int = Field(0, ge=0, description="neighbouring slices on each side stacked as channels (2.5D)")
+    background_fraction: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of background-only training slices drawn each epoch"
+    )
+
+
+class SplitConfig(StrictModel):
+    """Subject-level train/val/test split: cases of one subject never land in two splits."""
+
+    method: Literal["kfold", "file"] = "kfold"
+    n_folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    holdout: Literal["val", "test"] = Field("val", description="the role of the held-out fold")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="holdout=test: share of the rest used for val")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="holdout=val: share of subjects kept for test")
+    stratify_by: str | None = Field(None, description="attribute column whose groups are spread evenly over folds")
+    seed: int = 0
+    file: Path | None = Field(None, description="method=file: CSV with columns subject_id (or case_id) and split")
+
+    @model_validator(mode="after")
+    def _check_fold(self) -> SplitConfig:
+        if self.method == "kfold" and self.fold >= self.n_folds:
+            raise ValueError(f"fold {self.fold} must be below n_folds {self.n_folds}")
+        if self.method == "file" and self.file is None:
+            raise ValueError("method 'file' needs 'file: path/to/splits.csv'")
+        return self
+
+
+class AugmentationConfig(StrictModel):
+    """Training augmentation: a named preset plus transforms listed by albumentations class name."""
+
+    preset: str = Field("light", description="none, light or strong")
+    transforms: list[dict[str, Any]] = Field(
+        default_factory=list, description="extra transforms, e.g. [{name: GaussNoise, p: 0.2}]"
+    )
+
+
+class LoaderConfig(StrictModel):
+    """DataLoader settings."""
+
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(2, ge=0)
+    pin_memory: bool | None = Field(None, description="null: pin when a GPU is present")
+    persistent_workers: bool = True
+
+
+class DataConfig(StrictModel):
+    """Where the cases are and how they become batches."""
+
+    source: Path = Field(description="a manifest CSV, or a dataset folder (MSD imagesTr/labelsTr, images/masks)")
+    image_columns: list[str] = Field(default_factory=lambda: ["image"], description="one column per modality")
+    mask_column: str = "mask"
+    labels: dict[int, str] = Field(default_factory=lambda: {0: "background", 1: "foreground"})
+    label_mapping: dict[int, int] = Field(default_factory=dict, description="mask value -> label, e.g. {255: 1}")
+    slicing: SlicingConfig = Field(default_factory=SlicingConfig)
+    preprocessing: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    cache_dir: Path | None = Field(None, description="preprocessing cache; null: $MEDSEG_CACHE_DIR or ./.medseg_cache")
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> DataConfig:
+        if sorted(self.labels) != list(range(len(self.labels))) or len(self.labels) < 2:
+            raise ValueError(f"labels must be numbered 0..N-1 with N >= 2 (0 = background), got {sorted(self.labels)}")
+        unknown = sorted(set(self.label_mapping.values()) - set(self.labels))
+        if unknown:
+            raise ValueError(f"label_mapping maps to {unknown}, which are not in labels {sorted(self.labels)}")
+        if not self.image_columns:
+            raise ValueError("image_columns must name at least one column")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+class ExperimentConfig(StrictModel):
+    """One experiment: what ``medseg`` commands read from ``experiments/*.yaml``."""
+
+    name: str = Field(description="experiment name (the MLflow experiment)")
+    description: str = ""
+    seed: int = 42
+    data: DataConfig

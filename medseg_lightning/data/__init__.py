@@ -1,0 +1,1 @@
+"""Data layer: reading, manifests, splits, preprocessing cache, datasets and checks."""

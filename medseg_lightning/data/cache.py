@@ -1,0 +1,224 @@
+"""Preprocessing cache: each case decoded, checked and preprocessed once, then memory-mapped.
+
+An entry is keyed by the content digest of the case's files and by the preprocessing settings, so a changed
+file or setting simply misses the cache; entries are written to a temporary folder and renamed into place, so a
+crash or two processes preparing at once never leave a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.data.io import DataError, read_image, read_mask
+from medseg_lightning.data.manifest import Case
+from medseg_lightning.data.preprocess import InPlaneGeometry, fit_in_plane, normalize_intensity, to_slices
+from medseg_lightning.data.validate import Problem, check_image, check_mask, map_labels
+
+CACHE_VERSION = 1
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def default_cache_dir(config: DataConfig) -> Path:
+    """``data.cache_dir``, else ``$MEDSEG_CACHE_DIR``, else ``./.medseg_cache``."""
+    if config.cache_dir is not None:
+        return config.cache_dir
+    return Path(os.environ.get("MEDSEG_CACHE_DIR", ".medseg_cache"))
+
+
+def settings_digest(config: DataConfig) -> str:
+    """Hash of every setting that changes the cached arrays."""
+    relevant = {
+        "version": CACHE_VERSION,
+        "preprocessing": config.preprocessing.model_dump(mode="json"),
+        "axis": config.slicing.axis,
+        "labels": {str(k): v for k, v in config.labels.items()},
+        "label_mapping": {str(k): v for k, v in config.label_mapping.items()},
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class PreparedCase:
+    """A preprocessed case: slices along the configured axis, memory-mapped from the cache.
+
+    Attributes:
+        image: ``(S, C, H, W)`` float32.
+        mask: ``(S, H, W)`` uint8 labels, or None for image-only cases.
+        meta: geometry (``shape``, ``affine``, ``spacing``, ``axis``, ``in_plane``) and statistics.
+    """
+
+    case: Case
+    image: np.ndarray
+    mask: np.ndarray | None
+    meta: dict[str, Any]
+
+    @property
+    def in_plane(self) -> InPlaneGeometry:
+        return InPlaneGeometry.from_dict(self.meta["in_plane"])
+
+    @property
+    def foreground_slices(self) -> np.ndarray:
+        return np.asarray(self.meta["foreground_slices"], dtype=bool)
+
+
+class FileDigests:
+    """Content digests of files, remembered by (size, mtime) so unchanged files are not read again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._known: dict[str, list[Any]] = {}
+        if path.is_file():
+            try:
+                self._known = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self._known = {}  # a damaged memo only costs re-hashing
+
+    def digest(self, file: Path) -> str:
+        stat = file.stat()
+        key = str(file.resolve())
+        with self._lock:
+            known = self._known.get(key)
+        if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+            return str(known[2])
+        hasher = hashlib.blake2b(digest_size=20)
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        value = hasher.hexdigest()
+        with self._lock:
+            self._known[key] = [stat.st_size, stat.st_mtime_ns, value]
+        return value
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            text = json.dumps(self._known)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, self.path)
+
+
+class PreprocessCache:
+    """Prepares cases into ``root`` and loads them back memory-mapped."""
+
+    def __init__(self, root: Path, config: DataConfig) -> None:
+        self.root = root
+        self.config = config
+        self.settings = settings_digest(config)
+        self.digests = FileDigests(root / "file_digests.json")
+
+    def case_key(self, case: Case) -> str:
+        """Digest of the settings and the content of the case's files."""
+        files = [*case.image_paths, *([case.mask_path] if case.mask_path else [])]
+        missing = [str(path) for path in files if not path.is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: file not found")
+        parts = [self.settings, *(self.digests.digest(path) for path in files)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def entry_dir(self, case: Case, key: str) -> Path:
+        return self.root / "cases" / f"{_UNSAFE.sub('_', case.case_id)}-{key[:20]}"
+
+    def prepare(self, case: Case) -> tuple[PreparedCase | None, list[Problem]]:
+        """Loads a cached case, or reads, checks and preprocesses it; problems instead of a case when invalid."""
+        try:
+            key = self.case_key(case)
+        except (DataError, OSError) as error:
+            return None, [Problem(str(error), case.case_id)]
+        entry = self.entry_dir(case, key)
+        if (entry / "meta.json").is_file():
+            return load_entry(case, entry), []
+        try:
+            image = read_image(case.image_paths)
+            mask = read_mask(case.mask_path) if case.mask_path else None
+        except DataError as error:
+            return None, [Problem(str(error), case.case_id)]
+        problems = check_image(case, image, self.config)
+        if mask is not None:
+            problems += check_mask(case, image, mask, self.config)
+        if problems:
+            return None, problems
+        image_slices, mask_slices, meta = preprocess_case(image, mask, self.config)
+        meta.update(case_id=case.case_id, key=key)
+        _write_entry(entry, image_slices, mask_slices, meta)
+        return load_entry(case, entry), []
+
+
+def preprocess_case(image: Any, mask: Any, config: DataConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Normalises, slices and resizes one case; returns image slices, mask slices and geometry/statistics."""
+    axis = config.slicing.axis
+    settings = config.preprocessing.intensity_for(image.array.shape[0])
+    labels = None if mask is None else map_labels(np.asarray(mask.array).astype(np.int64), config.label_mapping)
+    stats = _intensity_stats(np.asarray(image.array, dtype=np.float32), labels)
+    image_slices = to_slices(normalize_intensity(np.asarray(image.array), settings), axis, channels_first=True)
+    mask_slices = None if labels is None else to_slices(labels.astype(np.uint8), axis, channels_first=False)
+    image_slices, mask_slices, geometry = fit_in_plane(
+        image_slices, mask_slices, config.preprocessing.target_size, config.preprocessing.resize_mode
+    )
+    meta = {
+        "shape": list(image.array.shape),
+        "affine": np.asarray(image.affine).tolist(),
+        "spacing": list(image.spacing),
+        "spacing_known": image.spacing_known,
+        "axis": axis,
+        "in_plane": geometry.to_dict(),
+        "intensity": stats,
+        "label_voxels": {} if labels is None else _label_counts(labels, len(config.labels)),
+        "foreground_slices": [] if mask_slices is None else mask_slices.reshape(len(mask_slices), -1).any(1).tolist(),
+    }
+    return image_slices, mask_slices, meta
+
+
+def _intensity_stats(image: np.ndarray, labels: np.ndarray | None) -> list[dict[str, float]]:
+    """Raw intensity statistics per channel inside the foreground (whole image when there is none)."""
+    region = None if labels is None or not labels.any() else labels > 0
+    stats = []
+    for channel in image:
+        values = channel[region] if region is not None else channel.ravel()
+        p01, p99 = np.percentile(values, [0.5, 99.5])
+        stats.append({"mean": float(values.mean()), "std": float(values.std()), "p00_5": float(p01),
+                      "p99_5": float(p99)})
+    return stats
+
+
+def _label_counts(labels: np.ndarray, n_classes: int) -> dict[str, int]:
+    counts = np.bincount(labels.ravel(), minlength=n_classes)
+    return {str(label): int(count) for label, count in enumerate(counts)}
+
+
+def _write_entry(entry: Path, image: np.ndarray, mask: np.ndarray | None, meta: dict[str, Any]) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+    try:
+        np.save(tmp / "image.npy", np.ascontiguousarray(image, dtype=np.float32))
+        if mask is not None:
+            np.save(tmp / "mask.npy", np.ascontiguousarray(mask, dtype=np.uint8))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, entry)
+    except OSError:
+        if not (entry / "meta.json").is_file():
+            raise
+        # another process finished the same entry first; theirs is identical
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_entry(case: Case, entry: Path) -> PreparedCase:
+    meta = json.loads((entry / "meta.json").read_text())
+    image = np.load(entry / "image.npy", mmap_mode="r")
+    mask = np.load(entry / "mask.npy", mmap_mode="r") if (entry / "mask.npy").is_file() else None
+    return PreparedCase(case=case, image=image, mask=mask, meta=meta)

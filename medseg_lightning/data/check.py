@@ -1,0 +1,92 @@
+"""Whole-dataset check and preparation: every problem reported at once, before any training starts.
+
+Checking a case needs the same decoding as preprocessing it, so the check *is* the preparation: valid cases
+land in the cache and the next check or training run reads them back in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.data.cache import PreparedCase, PreprocessCache, default_cache_dir
+from medseg_lightning.data.fingerprint import dataset_fingerprint
+from medseg_lightning.data.manifest import Case, ManifestError, load_cases
+from medseg_lightning.data.splits import assign_splits
+from medseg_lightning.data.validate import Problem
+
+
+class DataCheckError(ValueError):
+    """The dataset has problems; the message lists each on its own line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {problem}" for problem in problems)
+        super().__init__(f"{len(problems)} data problem(s) found (run `medseg data check`):\n{lines}")
+
+
+@dataclass
+class PreparedDataset:
+    """The outcome of checking/preparing a dataset: valid cases, their splits, the fingerprint, the problems."""
+
+    cases: list[PreparedCase]
+    splits: dict[str, str]
+    fingerprint: dict[str, Any]
+    problems: list[Problem] = field(default_factory=list)
+
+    def split(self, name: str) -> list[PreparedCase]:
+        return [case for case in self.cases if self.splits.get(case.case.case_id) == name]
+
+    def raise_for_problems(self) -> None:
+        if self.problems:
+            raise DataCheckError(self.problems)
+
+
+def prepare_dataset(config: DataConfig, cache_dir: Path | None = None, workers: int = 4) -> PreparedDataset:
+    """Checks every case and prepares the valid ones into the cache; never raises for data problems."""
+    try:
+        cases = load_cases(config.source, config.image_columns, config.mask_column)
+    except ManifestError as error:
+        return PreparedDataset([], {}, {}, [Problem(str(error))])
+    problems = _duplicate_ids(cases)
+    splits: dict[str, str] = {}
+    try:
+        splits = assign_splits(cases, config.split)
+    except ManifestError as error:
+        problems += [Problem(line) for line in str(error).splitlines()]
+    cache = PreprocessCache(cache_dir or default_cache_dir(config), config)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        outcomes = list(pool.map(cache.prepare, cases))
+    cache.digests.save()
+    prepared = [case for case, _ in outcomes if case is not None]
+    problems += [problem for _, case_problems in outcomes for problem in case_problems]
+    problems += _consistency(prepared, config)
+    fingerprint = dataset_fingerprint(prepared, cache.settings, config) if prepared else {}
+    return PreparedDataset(prepared, splits, fingerprint, problems)
+
+
+def _duplicate_ids(cases: list[Case]) -> list[Problem]:
+    counts = Counter(case.case_id for case in cases)
+    return [Problem(f"duplicate case id ({count} rows)", case_id) for case_id, count in counts.items() if count > 1]
+
+
+def _consistency(prepared: list[PreparedCase], config: DataConfig) -> list[Problem]:
+    """Problems between cases: differing channel counts, or in-plane sizes that cannot be batched."""
+    problems = []
+    if not prepared:
+        return problems
+    reference = prepared[0]
+    for item in prepared[1:]:
+        if item.image.shape[1] != reference.image.shape[1]:
+            problems.append(Problem(
+                f"{item.image.shape[1]} channel(s), but case {reference.case.case_id} has {reference.image.shape[1]}",
+                item.case.case_id, str(item.case.image_paths[0])))
+    sizes = Counter(tuple(item.image.shape[2:]) for item in prepared)
+    if config.preprocessing.target_size is None and len(sizes) > 1:
+        shown = ", ".join(f"{size} x{count}" for size, count in sizes.most_common(4))
+        problems.append(Problem(f"cases have different in-plane sizes ({shown}); set data.preprocessing.target_size"))
+    return problems

@@ -1,0 +1,129 @@
+"""Reading images and masks into one channels-first, canonically oriented representation.
+
+Every case, NIfTI volume or 2D image, becomes ``(C, X, Y, Z)`` (masks ``(X, Y, Z)``) so that slicing, caching and
+metrics have a single code path; a 2D image is a volume of depth 1 along axis 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class DataError(ValueError):
+    """A file that cannot be used; the message names the file."""
+
+
+@dataclass
+class Volume:
+    """An image or mask in canonical (RAS+) voxel order.
+
+    Attributes:
+        array: ``(C, X, Y, Z)`` for images, ``(X, Y, Z)`` for masks.
+        affine: voxel -> world (mm) matrix of ``array``.
+        spacing: voxel size in mm along X, Y, Z.
+        spacing_known: False for 2D image formats, which carry no physical spacing (distances are then pixels).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    spacing_known: bool = True
+
+
+def is_supported(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(NIFTI_SUFFIXES) or name.endswith(IMAGE_2D_SUFFIXES)
+
+
+def strip_suffix(name: str) -> str:
+    """File name without its image suffix (``case.nii.gz`` -> ``case``)."""
+    lower = name.lower()
+    for suffix in NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_volume(path: Path) -> Volume:
+    """Reads a NIfTI file or a 2D image; spatial axes first, channels (if any) last as stored.
+
+    Raises:
+        DataError: the file is missing, of an unknown type or cannot be decoded.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    name = path.name.lower()
+    try:
+        if name.endswith(NIFTI_SUFFIXES):
+            return _read_nifti(path)
+        if name.endswith(IMAGE_2D_SUFFIXES):
+            return _read_2d(path)
+    except DataError:
+        raise
+    except Exception as error:  # nibabel, zlib, PIL and tifffile raise many types for corrupt files
+        raise DataError(f"{path}: unreadable or corrupt file ({type(error).__name__}: {error})") from None
+    raise DataError(f"{path}: unsupported file type; expected one of {', '.join(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES)}")
+
+
+def _read_nifti(path: Path) -> Volume:
+    image = nib.load(str(path))
+    if len(image.shape) not in (3, 4):
+        raise DataError(f"{path}: expected a 3D or 4D NIfTI volume, got shape {image.shape}")
+    image = nib.as_closest_canonical(image)
+    array = np.asanyarray(image.dataobj)
+    zooms = image.header.get_zooms()[:3]
+    return Volume(array=array, affine=image.affine.copy(), spacing=tuple(float(z) for z in zooms))
+
+
+def _read_2d(path: Path) -> Volume:
+    if path.name.lower().endswith((".tif", ".tiff")):
+        import tifffile
+
+        array = tifffile.imread(str(path))
+    else:
+        from PIL import Image
+
+        with Image.open(path) as handle:
+            array = np.asarray(handle)
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar TIFF (C, H, W) -> (H, W, C)
+    if array.ndim not in (2, 3):
+        raise DataError(f"{path}: expected a 2D image (H, W) or (H, W, C), got shape {array.shape}")
+    # rows, cols -> X, Y with a depth-1 Z axis; channels stay last like a 4D NIfTI
+    array = array[:, :, None] if array.ndim == 2 else array[:, :, None, :]
+    return Volume(array=array, affine=np.eye(4), spacing=(1.0, 1.0, 1.0), spacing_known=False)
+
+
+def read_image(paths: list[Path]) -> Volume:
+    """Reads one case's image as ``(C, X, Y, Z)``: one file per modality, or one 4D / multi-channel file."""
+    volumes = [read_volume(path) for path in paths]
+    channels = []
+    for path, volume in zip(paths, volumes, strict=True):
+        array = volume.array
+        array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)
+        if channels and array.shape[1:] != channels[0].shape[1:]:
+            raise DataError(f"{path}: shape {array.shape[1:]} differs from {paths[0].name} {channels[0].shape[1:]}")
+        channels.append(array)
+    stacked = np.concatenate(channels, axis=0) if len(channels) > 1 else channels[0]
+    first = volumes[0]
+    return Volume(array=stacked, affine=first.affine, spacing=first.spacing, spacing_known=first.spacing_known)
+
+
+def read_mask(path: Path) -> Volume:
+    """Reads a label map as ``(X, Y, Z)``; a colour PNG mask with equal channels is reduced to one."""
+    volume = read_volume(path)
+    array = volume.array
+    if array.ndim == 4:
+        if array.shape[-1] == 1 or all(np.array_equal(array[..., 0], array[..., c]) for c in range(array.shape[-1])):
+            array = array[..., 0]
+        else:
+            raise DataError(f"{path}: a mask must have one channel, got {array.shape[-1]} differing channels")
+    volume.array = array
+    return volume

@@ -1,0 +1,94 @@
+"""Augmentation adapter: the only module that imports albumentations.
+
+albumentations 2.0.8 (MIT) is pinned because it is the last release under that licence; keeping it behind
+``build_augmentation`` lets it be swapped (torchvision v2, MONAI) without touching datasets or configs.
+Transforms are applied jointly to image and mask (masks with nearest-neighbour interpolation).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import: machines may be offline
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from medseg_lightning.config_schema import AugmentationConfig
+from medseg_lightning.registry import Registry, unknown_name_message
+
+Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+PRESETS: Registry[Callable[[], list[A.BasicTransform]]] = Registry("augmentation preset")
+_FILL = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
+
+
+@PRESETS.register("none")
+def _none() -> list[A.BasicTransform]:
+    return []
+
+
+@PRESETS.register("light")
+def _light() -> list[A.BasicTransform]:
+    """Small rigid/scale jitter and mild intensity changes: safe for most anatomy."""
+    return [
+        A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), translate_percent=(-0.05, 0.05), p=0.5, **_FILL),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.3),
+    ]
+
+
+@PRESETS.register("strong")
+def _strong() -> list[A.BasicTransform]:
+    """Larger geometric and intensity changes, elastic deformation, noise and blur (scanner variation)."""
+    return [
+        A.Affine(scale=(0.75, 1.3), rotate=(-30, 30), shear=(-8, 8), translate_percent=(-0.1, 0.1), p=0.7, **_FILL),
+        A.ElasticTransform(alpha=20, sigma=5, p=0.2, **_FILL),
+        A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.5),
+        A.GaussNoise(std_range=(0.02, 0.1), p=0.3),
+        A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+    ]
+
+
+def _is_transform(candidate: object) -> bool:
+    return isinstance(candidate, type) and issubclass(candidate, A.BasicTransform)
+
+
+def _transform_from_spec(spec: dict[str, Any], index: int) -> A.BasicTransform:
+    """Builds ``{name: Affine, p: 0.5, ...}``; unknown names and bad arguments name the list entry."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    where = f"data.augmentation.transforms.{index}"
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: each transform needs 'name: <albumentations class>', got {spec}")
+    cls = getattr(A, name, None)
+    if not _is_transform(cls):
+        valid = sorted(n for n in dir(A) if _is_transform(getattr(A, n)))
+        raise ValueError(f"{where}: {unknown_name_message('albumentations transform', name, valid)}")
+    try:
+        return cls(**spec)
+    except Exception as error:
+        raise ValueError(f"{where}: {name}({spec}) failed: {error}") from None
+
+
+def build_augmentation(config: AugmentationConfig) -> Augment | None:
+    """A function ``(image (C,H,W), mask (H,W)) -> (image, mask)``, or None when nothing is configured.
+
+    Raises:
+        ValueError: an unknown preset or transform, or invalid transform arguments.
+    """
+    try:
+        transforms = PRESETS.get(config.preset)()
+    except KeyError as error:
+        raise ValueError(f"data.augmentation.preset: {error.args[0]}") from None
+    transforms += [_transform_from_spec(spec, i) for i, spec in enumerate(config.transforms)]
+    if not transforms:
+        return None
+    pipeline = A.Compose(transforms)
+
+    def augment(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = pipeline(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=np.ascontiguousarray(mask))
+        return np.moveaxis(out["image"], -1, 0), out["mask"]
+
+    return augment
