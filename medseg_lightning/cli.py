@@ -61,7 +61,7 @@ def _data_check(args: argparse.Namespace) -> int:
     config, dataset = _prepare(args)
     for problem in dataset.problems:
         print(f"ERROR {problem}")
-    counts = Counter(dataset.splits.values())
+    counts = Counter(dataset.splits.get(item.case.case_id) for item in dataset.cases)
     splits = ", ".join(f"{name} {counts.get(name, 0)}" for name in ("train", "val", "test"))
     status = f"{len(dataset.problems)} problem(s)" if dataset.problems else "OK"
     print(f"{config.name}: {len(dataset.cases)} valid case(s) ({splits}); {status}")

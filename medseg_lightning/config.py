@@ -8,6 +8,7 @@ relative paths given with ``--set`` are relative to the working directory, as on
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 import types
@@ -57,7 +58,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
     try:
         return schema.model_validate(merged)
     except ValidationError as error:
-        raise ConfigError("\n".join(_describe(err, sources) for err in error.errors())) from None
+        raise ConfigError("\n".join(_describe(err, sources) for err in _relevant(error.errors()))) from None
 
 
 def config_to_yaml(config: BaseModel) -> str:
@@ -161,9 +162,11 @@ def _unknown_keys(data: dict[str, Any], schema: type[BaseModel], label: str, pre
         field = schema.model_fields.get(key)
         where = f"{prefix}{key}"
         if field is None:
-            valid = ", ".join(schema.model_fields)
+            close = difflib.get_close_matches(str(key), list(schema.model_fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             section = f"under '{prefix[:-1]}'" if prefix else "at the top level"
-            problems.append(f"{label}: unknown key '{where}'; valid keys {section}: {valid}")
+            valid = ", ".join(schema.model_fields)
+            problems.append(f"{label}: unknown key '{where}'{hint} valid keys {section}: {valid}")
             continue
         section_model = _model_in(field.annotation)
         if section_model is not None and isinstance(value, dict):
@@ -179,6 +182,18 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+_UNION_MISMATCH = {"list_type", "model_type", "model_attributes_type", "dict_type"}
+
+
+def _relevant(errors: list[Any]) -> list[Any]:
+    """Drops "should be a list" noise from the other member of a union when the real error lies deeper."""
+    keys = [tuple(str(p) for p in e["loc"] if "[" not in str(p)) for e in errors]
+    return [
+        error for error, key in zip(errors, keys, strict=True)
+        if error["type"] not in _UNION_MISMATCH or not any(len(k) > len(key) and k[: len(key)] == key for k in keys)
+    ]
 
 
 def _describe(error: Any, sources: list[_Source]) -> str:

@@ -2,12 +2,14 @@
 
 albumentations 2.0.8 (MIT) is pinned because it is the last release under that licence; keeping it behind
 ``build_augmentation`` lets it be swapped (torchvision v2, MONAI) without touching datasets or configs.
-Transforms are applied jointly to image and mask (masks with nearest-neighbour interpolation).
+Transforms are applied jointly to image and mask (masks with nearest-neighbour interpolation). Intensity
+transforms act relative to each channel's range (see ``augment``), since albumentations assumes [0, 1] floats.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,9 +69,15 @@ def _transform_from_spec(spec: dict[str, Any], index: int) -> A.BasicTransform:
         valid = sorted(n for n in dir(A) if _is_transform(getattr(A, n)))
         raise ValueError(f"{where}: {unknown_name_message('albumentations transform', name, valid)}")
     try:
-        return cls(**spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            transform = cls(**spec)
     except Exception as error:
         raise ValueError(f"{where}: {name}({spec}) failed: {error}") from None
+    invalid = [str(w.message) for w in caught if "not valid" in str(w.message)]
+    if invalid:  # albumentations only warns about unknown arguments; a typo must not be silently ignored
+        raise ValueError(f"{where}: {name}({spec}) failed: {invalid[0]}")
+    return transform
 
 
 def build_augmentation(config: AugmentationConfig) -> Augment | None:
@@ -88,7 +96,13 @@ def build_augmentation(config: AugmentationConfig) -> Augment | None:
     pipeline = A.Compose(transforms)
 
     def augment(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = pipeline(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=np.ascontiguousarray(mask))
-        return np.moveaxis(out["image"], -1, 0), out["mask"]
+        # albumentations clips float images to [0, 1]: map each channel's range there and back, so z-scored or
+        # Hounsfield intensities survive (and the constant border fill becomes the channel minimum)
+        low = image.min(axis=(1, 2), keepdims=True)
+        scale = np.maximum(image.max(axis=(1, 2), keepdims=True) - low, 1e-6)
+        unit = np.ascontiguousarray(np.moveaxis((image - low) / scale, 0, -1), dtype=np.float32)
+        out = pipeline(image=unit, mask=np.ascontiguousarray(mask))
+        restored = np.moveaxis(out["image"].reshape(unit.shape), -1, 0) * scale + low
+        return restored.astype(np.float32, copy=False), out["mask"]
 
     return augment

@@ -1,0 +1,83 @@
+"""Subject-level splits: no subject in two splits, reproducible, stratified."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from medseg_lightning.config_schema import SplitConfig
+from medseg_lightning.data.manifest import Case, ManifestError
+from medseg_lightning.data.splits import assign_splits
+
+
+def _cases(n_subjects: int, per_subject: int = 2) -> list[Case]:
+    return [
+        Case(f"s{s}_c{c}", [Path("x")], None, f"s{s}", {"site": "AB"[s % 2] if s % 7 else None})
+        for s in range(n_subjects) for c in range(per_subject)
+    ]
+
+
+def _subject_splits(cases: list[Case], splits: dict[str, str]) -> dict[str, set[str]]:
+    result: dict[str, set[str]] = {}
+    for case in cases:
+        result.setdefault(case.subject_id, set()).add(splits[case.case_id])
+    return result
+
+
+@pytest.mark.parametrize("config", [
+    SplitConfig(n_folds=5, fold=2),
+    SplitConfig(n_folds=4, fold=0, test_fraction=0.2),
+    SplitConfig(n_folds=5, fold=4, holdout="test", val_fraction=0.25, stratify_by="site"),
+])
+def test_no_subject_in_two_splits(config: SplitConfig) -> None:
+    cases = _cases(30)
+    splits = assign_splits(cases, config)
+    assert all(len(s) == 1 for s in _subject_splits(cases, splits).values())
+    assert set(splits.values()) <= {"train", "val", "test"}
+
+
+def test_folds_partition_subjects_and_are_reproducible() -> None:
+    cases = _cases(23)
+    held_out = [
+        {c.subject_id for c in cases if assign_splits(cases, SplitConfig(n_folds=5, fold=f))[c.case_id] == "val"}
+        for f in range(5)
+    ]
+    assert sorted(len(h) for h in held_out) == [4, 4, 5, 5, 5]
+    assert set().union(*held_out) == {c.subject_id for c in cases}  # every subject held out exactly once
+    assert assign_splits(cases, SplitConfig(seed=3)) == assign_splits(cases, SplitConfig(seed=3))
+    assert assign_splits(cases, SplitConfig(seed=3)) != assign_splits(cases, SplitConfig(seed=4))
+
+
+def test_stratification_spreads_groups_over_folds() -> None:
+    cases = _cases(40, per_subject=1)
+    config = SplitConfig(n_folds=4, fold=0, stratify_by="site")
+    splits = assign_splits(cases, config)
+    val_sites = Counter(c.attribute("site") for c in cases if splits[c.case_id] == "val")
+    all_sites = Counter(c.attribute("site") for c in cases)
+    for site, count in all_sites.items():
+        assert abs(val_sites[site] - count / 4) <= 1
+
+
+def test_holdout_test_carves_validation_from_the_rest() -> None:
+    counts = Counter(assign_splits(_cases(20, 1), SplitConfig(n_folds=4, holdout="test", val_fraction=0.2)).values())
+    assert counts == {"test": 5, "val": 3, "train": 12}
+
+
+def test_unknown_stratification_column() -> None:
+    with pytest.raises(ManifestError, match="no attribute column 'sex'; the manifest has: site"):
+        assign_splits(_cases(10), SplitConfig(stratify_by="sex"))
+
+
+def test_split_file_conflicts_and_gaps(tmp_path: Path) -> None:
+    cases = _cases(3)
+    good = tmp_path / "good.csv"
+    good.write_text("subject_id,split\ns0,train\ns1,val\ns2,test\n")
+    assert assign_splits(cases, SplitConfig(method="file", file=good))["s2_c1"] == "test"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,split\ns0_c0,train\ns0_c1,test\ns1_c0,val\n")
+    with pytest.raises(ManifestError) as error:
+        assign_splits(cases, SplitConfig(method="file", file=bad))
+    assert "subject s0 is in two splits (train and test)" in str(error.value)
+    assert "no split for subject(s) s2" in str(error.value)
