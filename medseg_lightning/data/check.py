@@ -59,8 +59,13 @@ def prepare_dataset(config: DataConfig, cache_dir: Path | None = None, workers: 
     except ManifestError as error:
         problems += [Problem(line) for line in str(error).splitlines()]
     cache = PreprocessCache(cache_dir or default_cache_dir(config), config)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        outcomes = list(pool.map(cache.prepare, cases))
+    # cache hits load faster in one thread (the GIL makes a pool slower); misses decode in parallel
+    outcomes = [cache.lookup(case) for case in cases]
+    misses = [i for i, (prepared, case_problems) in enumerate(outcomes) if prepared is None and not case_problems]
+    if misses:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(misses)))) as pool:
+            for index, outcome in zip(misses, pool.map(cache.prepare, [cases[i] for i in misses]), strict=True):
+                outcomes[index] = outcome
     cache.digests.save()
     prepared = [case for case, _ in outcomes if case is not None]
     problems += [problem for _, case_problems in outcomes for problem in case_problems]

@@ -53,7 +53,10 @@ class SliceDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, object]:
         case_number, slice_index = (int(v) for v in self.index[item])
         case = self.cases[case_number]
-        image = stack_context(case.image, np.array([slice_index]), self.context)[0]
+        if self.context:
+            image = stack_context(case.image, np.array([slice_index]), self.context)[0]
+        else:
+            image = case.image[slice_index]
         mask = np.asarray(case.mask[slice_index]) if case.mask is not None else np.zeros(image.shape[1:], np.uint8)
         if self.augment is not None:
             image, mask = self.augment(image, mask)
