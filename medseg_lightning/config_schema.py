@@ -150,6 +150,76 @@ class DataConfig(StrictModel):
         return len(self.labels)
 
 
+class ModelConfig(StrictModel):
+    """The network: a registered decoder architecture on any timm encoder."""
+
+    arch: str = Field("unet", description="decoder architecture: unet, fcn, segnet, ...")
+    encoder: str = Field("resnet18", description="any timm model name usable with features_only")
+    pretrained: str = Field(
+        "none", description="none, timm (hub or local HF cache), a .safetensors/.pth file, runs:/ID or models:/NAME/V"
+    )
+    decoder_channels: list[int] | None = Field(None, description="decoder widths; null derives them from the encoder")
+    size_mismatch: Literal["pad", "error"] = Field(
+        "pad", description="inputs not divisible by the encoder stride: pad and crop back, or raise"
+    )
+    encoder_freeze_epochs: int = Field(0, ge=0, description="epochs with a frozen encoder (BatchNorm statistics too)")
+    encoder_lr_multiplier: float = Field(1.0, gt=0, description="encoder learning rate = lr x this")
+
+
+class LossConfig(StrictModel):
+    """Training loss chosen by name."""
+
+    name: str = Field("dice_ce", description="ce, dice, dice_ce, focal, tversky")
+    class_weights: list[float] | None = Field(None, description="one weight per class, background included")
+    params: dict[str, Any] = Field(default_factory=dict, description="loss-specific settings, e.g. {gamma: 2}")
+
+
+class OptimizerConfig(StrictModel):
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.99, ge=0, lt=1, description="sgd only (Nesterov, as nnU-Net)")
+    scheduler: Literal["none", "cosine", "poly", "onecycle"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up before the schedule (not with onecycle)")
+    poly_power: float = Field(0.9, gt=0)
+
+
+class TrainerConfig(StrictModel):
+    """Lightning Trainer settings; the defaults run anywhere (CPU or GPU)."""
+
+    max_epochs: int = Field(50, ge=1)
+    accelerator: str = Field("auto", description="auto, cpu, gpu, mps")
+    devices: int | str | list[int] = Field("auto", description="number, list of ids, or auto")
+    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
+    num_nodes: int = Field(1, ge=1)
+    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed")
+    gradient_clip_val: float | None = Field(None, gt=0)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    deterministic: bool = False
+    limit_train_batches: float | int = Field(1.0, description="fraction or number of training batches per epoch")
+    check_val_every_n_epoch: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(10, ge=1)
+    monitor: str = Field("val/dice", description="metric for checkpointing and early stopping")
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stopping_patience: int | None = Field(None, ge=1, description="epochs without improvement; null: off")
+    inference_batch_size: int = Field(64, ge=1, description="slices per forward pass at validation and test")
+
+
+class TrackingConfig(StrictModel):
+    """Where runs are recorded (MLflow)."""
+
+    tracking_uri: str | None = Field(
+        None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db with artifacts in mlruns/"
+    )
+    experiment_name: str | None = Field(None, description="null: the experiment's name")
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    log_overlays: int = Field(4, ge=0, description="prediction overlay PNGs per validation epoch")
+    log_model: bool = True
+
+
 class ExperimentConfig(StrictModel):
     """One experiment: what ``medseg`` commands read from ``experiments/*.yaml``."""
 
@@ -157,3 +227,8 @@ class ExperimentConfig(StrictModel):
     description: str = ""
     seed: int = 42
     data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

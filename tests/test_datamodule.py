@@ -10,6 +10,7 @@ import torch
 from medseg_lightning.config import load_config
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import ForegroundBalancedSampler
+from medseg_lightning.data.preprocess import restore_volume
 
 
 def _module(experiment: Path, *overrides: str) -> SegmentationDataModule:
@@ -40,6 +41,9 @@ def test_val_and_test_keep_whole_cases(cohort: Path, make_experiment) -> None:
     item = val[0]
     assert item["image"].shape == (10, 1, 32, 32) and item["mask"].shape == (10, 32, 32)
     assert item["meta"]["shape"] == [1, 32, 32, 10] and item["meta"]["spacing"] == [1.0, 1.0, 1.5]
+    assert item["target"].shape == (32, 32, 10)  # ground truth in the original grid
+    restored = restore_volume(item["mask"].numpy(), item["meta"])
+    np.testing.assert_array_equal(restored, item["target"].numpy())
     ids = {i["case_id"] for i in val} | {i["case_id"] for i in test}
     train = {case.case.case_id for case in module.dataset.split("train")}
     assert not ids & train

@@ -26,7 +26,7 @@ from medseg_lightning.data.manifest import Case
 from medseg_lightning.data.preprocess import InPlaneGeometry, fit_in_plane, normalize_intensity, to_slices
 from medseg_lightning.data.validate import Problem, check_image, check_mask, map_labels
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -57,12 +57,15 @@ class PreparedCase:
         image: ``(S, C, H, W)`` float32.
         mask: ``(S, H, W)`` uint8 labels, or None for image-only cases.
         meta: geometry (``shape``, ``affine``, ``spacing``, ``axis``, ``in_plane``) and statistics.
+        native_mask: ``(X, Y, Z)`` uint8 labels in the original (canonical) voxel grid: the ground truth that
+            case-level metrics compare re-stacked predictions with, untouched by resizing or cropping.
     """
 
     case: Case
     image: np.ndarray
     mask: np.ndarray | None
     meta: dict[str, Any]
+    native_mask: np.ndarray | None = None
 
     @property
     def in_plane(self) -> InPlaneGeometry:
@@ -158,14 +161,20 @@ class PreprocessCache:
             problems += check_mask(case, image, mask, self.config)
         if problems:
             return None, problems
-        image_slices, mask_slices, meta = preprocess_case(image, mask, self.config)
+        image_slices, mask_slices, native, meta = preprocess_case(image, mask, self.config)
         meta.update(case_id=case.case_id, key=key)
-        _write_entry(entry, image_slices, mask_slices, meta)
+        _write_entry(entry, image_slices, mask_slices, native, meta)
         return load_entry(case, entry), []
 
 
-def preprocess_case(image: Any, mask: Any, config: DataConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Normalises, slices and resizes one case; returns image slices, mask slices and geometry/statistics."""
+def preprocess_case(
+    image: Any, mask: Any, config: DataConfig
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
+    """Normalises, slices and resizes one case.
+
+    Returns:
+        image slices, mask slices, the mapped labels in the original grid, and geometry/statistics.
+    """
     axis = config.slicing.axis
     settings = config.preprocessing.intensity_for(image.array.shape[0])
     labels = None if mask is None else map_labels(np.asarray(mask.array).astype(np.int64), config.label_mapping)
@@ -186,7 +195,7 @@ def preprocess_case(image: Any, mask: Any, config: DataConfig) -> tuple[np.ndarr
         "label_voxels": {} if labels is None else _label_counts(labels, len(config.labels)),
         "foreground_slices": [] if mask_slices is None else mask_slices.reshape(len(mask_slices), -1).any(1).tolist(),
     }
-    return image_slices, mask_slices, meta
+    return image_slices, mask_slices, None if labels is None else labels.astype(np.uint8), meta
 
 
 def _intensity_stats(image: np.ndarray, labels: np.ndarray | None) -> list[dict[str, float]]:
@@ -206,13 +215,16 @@ def _label_counts(labels: np.ndarray, n_classes: int) -> dict[str, int]:
     return {str(label): int(count) for label, count in enumerate(counts)}
 
 
-def _write_entry(entry: Path, image: np.ndarray, mask: np.ndarray | None, meta: dict[str, Any]) -> None:
+def _write_entry(
+    entry: Path, image: np.ndarray, mask: np.ndarray | None, native_mask: np.ndarray | None, meta: dict[str, Any]
+) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
     try:
         np.save(tmp / "image.npy", np.ascontiguousarray(image, dtype=np.float32))
-        if mask is not None:
+        if mask is not None and native_mask is not None:
             np.save(tmp / "mask.npy", np.ascontiguousarray(mask, dtype=np.uint8))
+            np.save(tmp / "native_mask.npy", np.ascontiguousarray(native_mask, dtype=np.uint8))
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, entry)
     except OSError:
@@ -227,6 +239,8 @@ def load_entry(case: Case, entry: Path) -> PreparedCase:
     meta = json.loads((entry / "meta.json").read_text())
     # plain ndarray views of the maps: indexing a np.memmap subclass costs several times more per sample
     image = np.asarray(np.load(entry / "image.npy", mmap_mode="r"))
-    mask_file = entry / "mask.npy"
-    mask = np.asarray(np.load(mask_file, mmap_mode="r")) if mask_file.is_file() else None
-    return PreparedCase(case=case, image=image, mask=mask, meta=meta)
+    mask, native = None, None
+    if (entry / "mask.npy").is_file():
+        mask = np.asarray(np.load(entry / "mask.npy", mmap_mode="r"))
+        native = np.asarray(np.load(entry / "native_mask.npy", mmap_mode="r"))
+    return PreparedCase(case=case, image=image, mask=mask, meta=meta, native_mask=native)

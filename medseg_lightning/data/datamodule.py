@@ -37,7 +37,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return int(self.dataset.cases[0].image.shape[1]) * (2 * self.config.slicing.context + 1)
 
     def prepare_data(self) -> None:
-        prepare_dataset(self.config, self.cache_dir).raise_for_problems()
+        if self.dataset is None:  # already checked when set up before the Trainer existed
+            prepare_dataset(self.config, self.cache_dir).raise_for_problems()
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
@@ -51,9 +52,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         return DataLoader(dataset, num_workers=workers, pin_memory=pin,
                           persistent_workers=loader.persistent_workers and workers > 0, **kwargs)
 
-    def train_dataset(self) -> SliceDataset:
+    def split_counts(self) -> dict[str, int]:
+        """Number of cases per split."""
         assert self.dataset is not None, "call setup() first"
-        return SliceDataset(self.dataset.split("train"), self.config.slicing.context, self.augment)
+        return {split: len(self.dataset.split(split)) for split in ("train", "val", "test")}
+
+    def train_dataset(self, augment: bool = True) -> SliceDataset:
+        assert self.dataset is not None, "call setup() first"
+        return SliceDataset(self.dataset.split("train"), self.config.slicing.context, self.augment if augment else None)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

@@ -70,7 +70,8 @@ class SliceDataset(Dataset):
 
 
 class CaseDataset(Dataset):
-    """One item per case: ``image (S, C', H, W)``, ``mask (S, H, W)``, ``case_id``, ``meta`` for re-stacking."""
+    """One item per case: ``image (S, C', H, W)``, ``mask (S, H, W)``, ``case_id``, ``meta`` for re-stacking, and
+    ``target (X, Y, Z)``, the labels in the original voxel grid that re-stacked predictions are scored against."""
 
     def __init__(self, cases: list[PreparedCase], context: int = 0, attribute_names: list[str] | None = None) -> None:
         self.cases = cases
@@ -89,8 +90,9 @@ class CaseDataset(Dataset):
             "meta": case.meta,
             "attributes": _attributes(case, self.attribute_names),
         }
-        if case.mask is not None:
+        if case.mask is not None and case.native_mask is not None:
             result["mask"] = torch.from_numpy(np.asarray(case.mask).astype(np.int64))
+            result["target"] = torch.from_numpy(np.array(case.native_mask))  # (X, Y, Z) original grid
         return result
 
 

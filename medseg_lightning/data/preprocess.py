@@ -105,7 +105,7 @@ def _pad_crop(array: np.ndarray, target: tuple[int, int], fill: float) -> np.nda
 
 def _resize(array: np.ndarray, target: tuple[int, int], nearest: bool) -> np.ndarray:
     """Resizes the last two axes; nearest neighbour keeps label values intact."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.array(array, copy=True))  # cache arrays are read-only memory maps
     shape = tensor.shape
     flat = tensor.reshape(-1, 1, *shape[-2:]).float()
     if nearest:
@@ -140,3 +140,12 @@ def restore_in_plane(array: np.ndarray, geometry: InPlaneGeometry, nearest: bool
     if geometry.mode == "resize":
         return _resize(array, geometry.source, nearest=nearest)
     return _pad_crop(array, geometry.source, 0)
+
+
+def restore_volume(slices: np.ndarray, meta: dict[str, object]) -> np.ndarray:
+    """Puts per-slice labels ``(S, H, W)`` back into the case's original ``(X, Y, Z)`` voxel grid.
+
+    ``meta`` is a prepared case's metadata (its ``in_plane`` geometry and slicing ``axis``).
+    """
+    geometry = InPlaneGeometry.from_dict(meta["in_plane"])  # type: ignore[arg-type]
+    return from_slices(restore_in_plane(slices, geometry, nearest=True), int(meta["axis"]))  # type: ignore[call-overload]
