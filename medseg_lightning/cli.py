@@ -17,6 +17,7 @@ from medseg_lightning.data.io import DataError
 if TYPE_CHECKING:
     from medseg_lightning.config_schema import ExperimentConfig
     from medseg_lightning.data.check import PreparedDataset
+    from medseg_lightning.train import RunResult
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -92,6 +93,48 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from medseg_lightning import tracking
+    from medseg_lightning.train import run
+
+    config = load_config(args.experiment, args.overrides)
+    result = run(config, resume=args.resume)
+    if tracking.is_global_zero():
+        print(format_summary(result))
+    return 0
+
+
+def format_summary(result: RunResult) -> str:
+    """The one-screen summary printed after training."""
+    minutes, seconds = divmod(int(result.seconds), 60)
+    lines = [f"finished in {minutes}m{seconds:02d}s; best epoch {result.best_epoch}"]
+    for split in ("val", "test"):
+        keys = sorted(k for k in result.metrics if k.startswith((f"{split}/dice", f"{split}/hd95"))
+                      and not k.endswith(("_median", "_std", "/mean")))
+        if keys:
+            lines.append(f"  {split}: " + "  ".join(f"{k.removeprefix(split + '/')}={result.metrics[k]:.4g}"
+                                                    for k in keys))
+    lines.append(f"MLflow run {result.run_id} in experiment '{result.experiment_name}' ({result.tracking_uri})")
+    if result.model_uri:
+        lines.append(f"model: {result.model_uri}")
+    lines.append("look at it: medseg ui   (then open http://127.0.0.1:5000)")
+    return "\n".join(lines)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from medseg_lightning import tracking
+
+    store, artifacts = tracking.resolve_store_from_env(tracking.project_root(Path.cwd()))
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host,
+               "--port", str(args.port)]
+    if artifacts:
+        command += ["--default-artifact-root", artifacts]
+    print(" ".join(command))
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description="Medical image segmentation experiments.")
     parser.add_argument("--version", action="version", version=f"medseg-lightning {__version__}")
@@ -101,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print the resolved config (base, overrides and defaults applied)")
     _add_experiment(show)
     show.set_defaults(handler=_config_show)
+
+    train = verbs.add_parser("train", help="train, validate and test an experiment, tracked in MLflow")
+    _add_experiment(train)
+    train.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    train.set_defaults(handler=_train)
+
+    ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_ui)
 
     data = verbs.add_parser("data", help="build manifests, check and prepare data, make synthetic cohorts")
     actions = data.add_subparsers(dest="action", required=True)

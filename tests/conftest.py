@@ -19,6 +19,8 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Every test gets its own preprocessing cache, so tests never see each other's entries."""
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(cache))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri in a test sets it
+    monkeypatch.delenv("MEDSEG_RUN_ID", raising=False)
     return cache
 
 

@@ -61,8 +61,8 @@ class SliceDataset(Dataset):
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
+            "image": torch.from_numpy(np.array(image, dtype=np.float32)),  # a copy: cache maps are read-only
+            "mask": torch.from_numpy(np.asarray(mask).astype(np.int64)),
             "case_id": case.case.case_id,
             "slice_index": slice_index,
             "attributes": _attributes(case, self.attribute_names),
@@ -85,7 +85,7 @@ class CaseDataset(Dataset):
         case = self.cases[item]
         image = stack_context(case.image, np.arange(case.image.shape[0]), self.context)
         result: dict[str, object] = {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "image": torch.from_numpy(np.array(image, dtype=np.float32)),
             "case_id": case.case.case_id,
             "meta": case.meta,
             "attributes": _attributes(case, self.attribute_names),

@@ -1,0 +1,126 @@
+"""Time per training step: `medseg train`'s Lightning loop versus a plain PyTorch loop, in one process.
+
+Both loops train the same network (same initial weights), with the same loss, optimiser and batches (real
+quickstart slices, held in memory so data loading is identical and excluded). The Lightning side is the real
+thing: ``SegmentationModule`` with its logging and slice metrics, an MLflow logger writing to a temporary store,
+checkpointing off. The step time is the median interval between consecutive batch starts after a warm-up, so
+everything the loop does per step counts. Target: ratio <= 1.10.
+
+Run from the repository root::
+
+    python benchmarks/train_step_overhead.py [--steps 60] [--encoder resnet18] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from torch.utils.data import DataLoader
+
+from medseg_lightning.config import load_config
+from medseg_lightning.data.datamodule import SegmentationDataModule
+from medseg_lightning.lit_module import SegmentationModule
+from medseg_lightning.losses import create_loss
+from medseg_lightning.model_io import build_network
+
+WARMUP = 5
+
+
+class StepTimer(pl.Callback):
+    """Timestamps of every batch start; the last one is taken at the end of training."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def on_train_end(self, *args: object) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def _intervals(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1 :], strict=False)]
+
+
+def plain_loop(network: torch.nn.Module, batches: list[dict], config) -> list[float]:
+    loss_fn = create_loss(config.loss.name, config.data.num_classes)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.optimizer.lr,
+                                  weight_decay=config.optimizer.weight_decay)
+    network.train()
+    stamps = []
+    for batch in batches:
+        stamps.append(time.perf_counter())
+        loss = loss_fn(network(batch["image"]), batch["mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    stamps.append(time.perf_counter())
+    return _intervals(stamps)
+
+
+def lightning_loop(network: torch.nn.Module, batches: list[dict], config, store: Path) -> list[float]:
+    module = SegmentationModule(network, create_loss(config.loss.name, config.data.num_classes),
+                                config.data.labels, config.optimizer.model_copy(update={"scheduler": "none"}))
+    timer = StepTimer()
+    logger = MLFlowLogger(experiment_name="bench", tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
+                          artifact_location=(store / "artifacts").as_uri())
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=[timer],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=config.trainer.log_every_n_steps, num_sanity_val_steps=0,
+                         limit_val_batches=0)
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return _intervals(timer.stamps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", type=Path, default=Path("experiments/quickstart.yaml"))
+    parser.add_argument("--encoder", default=None, help="override model.encoder")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate plain/lightning this many times")
+    args = parser.parse_args()
+    overrides = ["data.augmentation.preset=none", "data.loader.num_workers=0"]
+    if args.encoder:
+        overrides.append(f"model.encoder={args.encoder}")
+    if args.batch_size:
+        overrides.append(f"data.loader.batch_size={args.batch_size}")
+    config = load_config(args.experiment, overrides)
+    torch.manual_seed(0)
+    datamodule = SegmentationDataModule(config.data, seed=config.seed)
+    datamodule.setup("fit")
+    loader = DataLoader(datamodule.train_dataset(augment=False), batch_size=config.data.loader.batch_size,
+                        shuffle=True, drop_last=True)
+    batches = [batch for _, batch in zip(range(args.steps + WARMUP + 1), _cycle(loader), strict=False)]
+    initial = build_network(config, datamodule.in_channels)
+    plain: list[float] = []
+    lightning: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):  # alternate so machine noise hits both sides alike
+            plain += plain_loop(copy.deepcopy(initial), batches, config)
+            lightning += lightning_loop(copy.deepcopy(initial), batches, config, Path(tmp))
+    p, lt = statistics.median(plain), statistics.median(lightning)
+    print(f"{config.model.arch}/{config.model.encoder}, batch {config.data.loader.batch_size}x"
+          f"{tuple(batches[0]['image'].shape[1:])}, {len(plain)} timed steps each, {torch.get_num_threads()} threads")
+    print(f"plain PyTorch loop : {p * 1000:8.1f} ms/step (median)")
+    print(f"medseg (Lightning) : {lt * 1000:8.1f} ms/step (median)")
+    print(f"ratio              : {lt / p:8.3f}  (target <= 1.10)")
+
+
+def _cycle(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+if __name__ == "__main__":
+    main()

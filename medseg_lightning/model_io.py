@@ -1,0 +1,75 @@
+"""Saving and rebuilding trained networks without pickles: weights in safetensors, the rest as YAML.
+
+A saved model is a folder with ``weights.safetensors`` and ``model.yaml`` (the resolved experiment config plus
+the input channel count). Loading rebuilds the network from the config and loads the tensors, so no code is
+ever unpickled, and a model trained today loads with tomorrow's code as long as the config still validates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.models import create_model
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "model.yaml"
+
+
+@dataclass
+class ModelBundle:
+    """A rebuilt network with what is needed to feed it: the experiment config and the input channel count."""
+
+    network: nn.Module
+    config: ExperimentConfig
+    in_channels: int
+
+
+def build_network(config: ExperimentConfig, in_channels: int, pretrained: bool = False) -> nn.Module:
+    """The network an experiment describes, for ``in_channels`` inputs (modalities x 2.5D slices)."""
+    model = config.model
+    return create_model(model.arch, model.encoder, in_channels, config.data.num_classes, pretrained=pretrained,
+                        decoder_channels=model.decoder_channels, size_mismatch=model.size_mismatch)
+
+
+def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, folder: Path) -> Path:
+    """Writes ``weights.safetensors`` and ``model.yaml`` into ``folder``; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in network.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    spec = {"in_channels": in_channels, "config": config.model_dump(mode="json")}
+    (folder / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
+def load_bundle(folder: Path) -> ModelBundle:
+    """Rebuilds the network from ``model.yaml`` and loads ``weights.safetensors`` (strict: every key must match).
+
+    Raises:
+        ValueError: files missing, or weights that do not fit the config (names the differing keys).
+    """
+    weights, spec_path = folder / WEIGHTS_FILE, folder / SPEC_FILE
+    for path in (weights, spec_path):
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; a medseg model folder holds {WEIGHTS_FILE} and {SPEC_FILE}")
+    spec = yaml.safe_load(spec_path.read_text())
+    config = ExperimentConfig.model_validate(spec["config"])
+    network = build_network(config, int(spec["in_channels"]))
+    state = load_file(str(weights))
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{weights}: weights do not match {config.model.arch}/{config.model.encoder} from {spec_path}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    network.load_state_dict(state)
+    network.eval()
+    return ModelBundle(network=network, config=config, in_channels=int(spec["in_channels"]))

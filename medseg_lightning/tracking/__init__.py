@@ -1,0 +1,255 @@
+"""All MLflow code: the store, the run and its provenance, artifacts, system metrics and the logged model.
+
+Nothing outside this package imports mlflow, so the rest of the code trains, tests and predicts without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import mlflow
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
+
+from medseg_lightning.config_schema import ExperimentConfig
+
+RUN_ID_ENV = "MEDSEG_RUN_ID"
+PACKAGES = ("medseg-lightning", "torch", "torchvision", "lightning", "timm", "torchmetrics", "mlflow", "optuna",
+            "albumentations", "nibabel", "numpy", "safetensors")
+
+
+def project_root(start: Path) -> Path:
+    """The nearest folder above ``start`` holding ``mlruns/`` or ``pyproject.toml``; else the working directory."""
+    for folder in [start.resolve(), *start.resolve().parents]:
+        if (folder / "mlruns").is_dir() or (folder / "pyproject.toml").is_file():
+            return folder
+    return Path.cwd()
+
+
+def resolve_store(config: ExperimentConfig, root: Path) -> tuple[str, str | None]:
+    """Tracking URI and artifact location: the config, ``$MLFLOW_TRACKING_URI``, else ``root/mlruns``."""
+    if config.tracking.tracking_uri:
+        return config.tracking.tracking_uri, None
+    return resolve_store_from_env(root)
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 as set by torchrun, SLURM or Lightning's launcher (True when alone)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | None = None) -> MLFlowLogger:
+    """The Lightning MLflow logger for this run.
+
+    Rank 0 creates the run (or reopens ``resume_run_id``) before training starts and exports its id in
+    ``MEDSEG_RUN_ID``, so processes that Lightning's DDP launcher starts later attach to the same run.
+    """
+    uri, artifacts = resolve_store(config, root)
+    name = config.tracking.experiment_name or config.name
+    run_id = resume_run_id or (None if is_global_zero() else os.environ.get(RUN_ID_ENV))
+    logger = MLFlowLogger(experiment_name=name, run_name=config.tracking.run_name, tracking_uri=uri,
+                          tags=config.tracking.tags or None, artifact_location=artifacts, run_id=run_id)
+    if is_global_zero():
+        os.environ[RUN_ID_ENV] = logger.run_id  # creates the run now, on rank 0 only
+    return logger
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_state(folder: Path) -> dict[str, str]:
+    """Commit and dirty flag of the checkout that runs the code (empty outside a git repository)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+
+
+def dvc_state(source: Path) -> dict[str, str]:
+    """The DVC hash of the dataset when it is tracked with ``dvc add`` (``<source>.dvc`` beside it)."""
+    candidates = [source.with_name(source.name + ".dvc"), source.parent.with_name(source.parent.name + ".dvc")]
+    for path in candidates:
+        if path.is_file():
+            try:
+                outs = (yaml.safe_load(path.read_text()) or {}).get("outs", [])
+            except yaml.YAMLError:
+                return {}
+            if outs and outs[0].get("md5"):
+                return {"data.dvc_md5": str(outs[0]["md5"]), "data.dvc_file": path.name}
+    return {}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def log_provenance(logger: MLFlowLogger, config: ExperimentConfig, config_yaml: str, fingerprint: dict[str, Any],
+                   split_counts: dict[str, int], root: Path) -> None:
+    """Params, tags and artifacts that make the run reproducible; no patient identifiers."""
+    client, run_id = logger.experiment, logger.run_id
+    params = {key: str(json.dumps(value) if isinstance(value, list | dict) else value)
+              for key, value in flatten(config.model_dump(mode="json")).items()}
+    logged = client.get_run(run_id).data.params  # a resumed run has them already; MLflow params are immutable
+    logger.log_hyperparams({key: value for key, value in params.items() if key not in logged})
+    for key, value in params.items():
+        if key in logged and logged[key][:500] != value[:500]:
+            client.set_tag(run_id, f"resumed.{key}", value)
+    versions = package_versions()
+    tags = {**git_state(root), **dvc_state(config.data.source),
+            "medseg.version": versions.get("medseg-lightning", "unknown"),
+            "data.fingerprint": fingerprint.get("fingerprint", ""),
+            **{f"data.n_{split}": str(count) for split, count in split_counts.items()}}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(config_yaml)
+        (folder / "data_fingerprint.json").write_text(json.dumps(fingerprint, indent=2))
+        (folder / "environment.json").write_text(json.dumps(versions, indent=2))
+        for name in ("config.yaml", "data_fingerprint.json", "environment.json"):
+            client.log_artifact(run_id, str(folder / name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # several local source types match a path; any of them is right
+        source = resolve_dataset_source(str(config.data.source))
+    dataset = MetaDataset(source=source, name=config.name,
+                          digest=fingerprint.get("fingerprint", "")[:36])
+    context = InputTag(key="mlflow.data.context", value="training")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+
+
+def start_system_metrics(run_id: str, tracking_uri: str) -> Any | None:
+    """CPU/GPU/memory usage sampled into the run every 10 s; None where psutil is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+@contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """Points MLflow's fluent API at ``uri`` for a block and restores it after.
+
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process, which would silently
+    send the next run in the same process (a sweep, a test) to this store.
+    """
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def log_artifact_file(logger: MLFlowLogger, path: Path, folder: str | None = None) -> None:
+    logger.experiment.log_artifact(logger.run_id, str(path), folder)
+
+
+def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, prediction: Any) -> str:
+    """Logs the bundle as an MLflow pyfunc model from code (no pickled Python object); returns its URI."""
+    from mlflow.models import infer_signature
+
+    import medseg_lightning
+
+    code = Path(__file__).with_name("pyfunc_model.py")
+    with using_store(logger._tracking_uri), mlflow.start_run(run_id=logger.run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            artifacts={"bundle": str(bundle_folder)},
+            code_paths=[str(Path(medseg_lightning.__file__).parent)],
+            signature=infer_signature(example, prediction),
+            input_example=example,
+            pip_requirements=[f"{name}=={version}" for name, version in package_versions().items()
+                              if name not in ("python", "medseg-lightning")],
+        )
+    return info.model_uri
+
+
+class OverlayCallback(Callback):
+    """Logs image | truth | prediction PNGs of a few validation cases each epoch (rank 0 only)."""
+
+    def __init__(self, logger: MLFlowLogger, labels: dict[int, str]) -> None:
+        self.logger = logger
+        self.labels = labels
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking or not getattr(pl_module, "overlays", None):
+            return
+        from medseg_lightning.visualize import save_overlay
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for sample in pl_module.overlays:
+                path = Path(tmp) / f"{sample['case_id']}.png"
+                save_overlay(sample["image"], sample["truth"], sample["prediction"], self.labels, path,
+                             title=f"{sample['case_id']}, epoch {trainer.current_epoch}")
+                log_artifact_file(self.logger, path, f"overlays/epoch_{trainer.current_epoch:03d}")
+
+
+def load_logged_bundle(uri: str, root: Path) -> Any:
+    """A medseg model logged in MLflow (``runs:/ID[/model]`` or ``models:/NAME/VERSION``), rebuilt from its
+    config and safetensors weights: the pyfunc is defined from code, so nothing is unpickled."""
+    if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
+        uri = f"{uri.rstrip('/')}/model"
+    store, _ = resolve_store_from_env(root)
+    try:
+        with using_store(store):
+            model = mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as error:
+        raise ValueError(f"cannot load {uri} from {store}: {error.message}") from None
+    return model.unwrap_python_model().bundle
+
+
+def resolve_store_from_env(root: Path) -> tuple[str, str | None]:
+    """The store used when no experiment config is at hand: ``$MLFLOW_TRACKING_URI`` or ``root/mlruns``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, None
+    mlruns = root / "mlruns"
+    mlruns.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlruns / 'mlflow.db'}", (mlruns / "artifacts").as_uri()

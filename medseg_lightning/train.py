@@ -1,0 +1,173 @@
+"""The composition root: ``run(config)`` builds data, model, loss, trainer and logger, trains, tests and logs.
+
+The CLI, the sweep and the tests all call ``run``; nothing else wires components together.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+from medseg_lightning import tracking
+from medseg_lightning.config import config_to_yaml
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.data.datamodule import SegmentationDataModule
+from medseg_lightning.lit_module import SegmentationModule
+from medseg_lightning.losses import create_loss
+from medseg_lightning.model_io import build_network, save_bundle
+from medseg_lightning.transfer import load_pretrained
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced; ``metrics`` holds the best model's ``val/...`` and ``test/...`` values."""
+
+    run_id: str
+    experiment_name: str
+    tracking_uri: str
+    best_checkpoint: str
+    best_epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    seconds: float = 0.0
+
+
+def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | None = None) -> RunResult:
+    """Trains and evaluates one experiment, tracked in MLflow.
+
+    Args:
+        root: project folder whose ``mlruns/`` holds the default store and checkpoints (default: found from cwd).
+        resume: an MLflow run id to continue from its last checkpoint.
+    """
+    started = time.perf_counter()
+    _quiet_library_chatter()
+    root = root or tracking.project_root(Path.cwd())
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = SegmentationDataModule(config.data, seed=config.seed)
+    datamodule.setup("fit")  # checks every case first: bad data fails here, before any model is built
+    network = build_network(config, datamodule.in_channels, pretrained=config.model.pretrained == "timm")
+    report = load_pretrained(network, config.model.pretrained, root)
+    if report:
+        print(report)
+    module = SegmentationModule(
+        network, create_loss(config.loss.name, config.data.num_classes, class_weights=config.loss.class_weights,
+                             **config.loss.params),
+        labels=config.data.labels, optimizer=config.optimizer,
+        encoder_freeze_epochs=config.model.encoder_freeze_epochs,
+        encoder_lr_multiplier=config.model.encoder_lr_multiplier,
+        inference_batch_size=config.trainer.inference_batch_size, overlay_cases=config.tracking.log_overlays,
+    )
+    logger = tracking.create_logger(config, root, resume_run_id=resume)
+    checkpoints = root / "mlruns" / "checkpoints" / logger.run_id if logger.run_id else None
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor=config.trainer.monitor, mode=config.trainer.monitor_mode,
+                                 save_last=True, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+    trainer = _trainer(config, logger, [checkpoint, *_callbacks(config, logger)])
+    monitor = None
+    if trainer.is_global_zero:
+        tracking.log_provenance(logger, config, config_to_yaml(config), datamodule.dataset.fingerprint,
+                                datamodule.split_counts(), root)
+        monitor = tracking.start_system_metrics(logger.run_id, logger._tracking_uri)
+    try:
+        last = checkpoints / "last.ckpt" if resume and checkpoints else None
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last and last.is_file() else None)
+        metrics = _evaluate_best(trainer, module, datamodule)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    result = RunResult(run_id=logger.run_id or "", experiment_name=logger._experiment_name,
+                       tracking_uri=logger._tracking_uri or "", best_checkpoint=checkpoint.best_model_path,
+                       best_epoch=_epoch_of(checkpoint.best_model_path), metrics=metrics)
+    if trainer.is_global_zero:
+        result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _quiet_library_chatter() -> None:
+    """Silences advice and deprecation notes from libraries that users cannot act on."""
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _trainer(config: ExperimentConfig, logger: Any, callbacks: list[Callback]) -> pl.Trainer:
+    settings = config.trainer
+    strategy: Any = settings.strategy
+    if strategy == "ddp" and config.model.encoder_freeze_epochs:
+        strategy = "ddp_find_unused_parameters_true"  # frozen encoder parameters get no gradient
+    return pl.Trainer(
+        max_epochs=settings.max_epochs, accelerator=settings.accelerator, devices=settings.devices,
+        strategy=strategy, num_nodes=settings.num_nodes, precision=settings.precision,
+        gradient_clip_val=settings.gradient_clip_val, accumulate_grad_batches=settings.accumulate_grad_batches,
+        deterministic=settings.deterministic,
+        limit_train_batches=None if settings.limit_train_batches == 1.0 else settings.limit_train_batches,
+        check_val_every_n_epoch=settings.check_val_every_n_epoch, log_every_n_steps=settings.log_every_n_steps,
+        logger=logger, callbacks=callbacks, num_sanity_val_steps=0, enable_model_summary=False,
+    )
+
+
+def _callbacks(config: ExperimentConfig, logger: Any) -> list[Callback]:
+    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="epoch")]
+    if config.trainer.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=config.trainer.monitor, mode=config.trainer.monitor_mode,
+                                       patience=config.trainer.early_stopping_patience))
+    if config.tracking.log_overlays:
+        callbacks.append(tracking.OverlayCallback(logger, config.data.labels))
+    return callbacks
+
+
+def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule,
+                   datamodule: SegmentationDataModule) -> dict[str, float]:
+    """Validation (and test, when the split has cases) of the best checkpoint; its weights stay in ``module``."""
+    metrics: dict[str, float] = {}
+    best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+    for results in trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False):
+        metrics.update(results)
+    if datamodule.split_counts().get("test"):
+        for results in trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False):
+            metrics.update(results)
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def _epoch_of(checkpoint: str) -> int:
+    if not checkpoint or not Path(checkpoint).is_file():
+        return -1
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("epoch", -1))
+
+
+def _log_outputs(logger: Any, module: SegmentationModule, datamodule: SegmentationDataModule,
+                 config: ExperimentConfig, best_checkpoint: str) -> str | None:
+    """Per-case tables, the best checkpoint and the model (safetensors + config, as an MLflow pyfunc)."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for split, rows in module.case_tables.items():
+            if rows:
+                path = folder / f"{split}_cases.csv"
+                pd.DataFrame(rows).to_csv(path, index=False)
+                tracking.log_artifact_file(logger, path, "metrics")
+        if best_checkpoint:
+            tracking.log_artifact_file(logger, Path(best_checkpoint), "checkpoints")
+        if not config.tracking.log_model:
+            return None
+        network = module.network.cpu().eval()
+        bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle")
+        example = _example_input(datamodule)
+        with torch.no_grad():
+            prediction = network(torch.from_numpy(example)).argmax(1).to(torch.uint8).numpy()
+        return tracking.log_model(logger, bundle, example, prediction)
+
+
+def _example_input(datamodule: SegmentationDataModule) -> np.ndarray:
+    """One preprocessed slice, the shape the logged model expects: ``(1, C, H, W)`` float32."""
+    item = datamodule.train_dataset(augment=False)[0]
+    return item["image"].numpy()[None].astype(np.float32)
