@@ -18,6 +18,7 @@ import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch.utils.data import DataLoader
 
 from medseg_lightning.config import load_config
+from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.losses import create_loss
@@ -51,7 +53,7 @@ def _intervals(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1 :], strict=False)]
 
 
-def plain_loop(network: torch.nn.Module, batches: list[dict], config) -> list[float]:
+def plain_loop(network: torch.nn.Module, batches: list[dict], config: ExperimentConfig) -> list[float]:
     loss_fn = create_loss(config.loss.name, config.data.num_classes)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.optimizer.lr,
                                   weight_decay=config.optimizer.weight_decay)
@@ -67,7 +69,9 @@ def plain_loop(network: torch.nn.Module, batches: list[dict], config) -> list[fl
     return _intervals(stamps)
 
 
-def lightning_loop(network: torch.nn.Module, batches: list[dict], config, store: Path) -> list[float]:
+def lightning_loop(
+    network: torch.nn.Module, batches: list[dict], config: ExperimentConfig, store: Path
+) -> list[float]:
     module = SegmentationModule(network, create_loss(config.loss.name, config.data.num_classes),
                                 config.data.labels, config.optimizer.model_copy(update={"scheduler": "none"}))
     timer = StepTimer()
@@ -87,7 +91,7 @@ def main() -> None:
     parser.add_argument("--experiment", type=Path, default=Path("experiments/quickstart.yaml"))
     parser.add_argument("--encoder", default=None, help="override model.encoder")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2, help="alternate plain/lightning this many times")
     args = parser.parse_args()
     overrides = ["data.augmentation.preset=none", "data.loader.num_workers=0"]
@@ -117,7 +121,7 @@ def main() -> None:
     print(f"ratio              : {lt / p:8.3f}  (target <= 1.10)")
 
 
-def _cycle(loader: DataLoader):
+def _cycle(loader: DataLoader) -> Iterator[dict]:
     while True:
         yield from loader
 

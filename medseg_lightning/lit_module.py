@@ -8,6 +8,7 @@ grid and scored per case in physical spacing (the metrics users compare), then a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -163,7 +164,7 @@ class SegmentationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _schedule(name: str, total: int, warmup: int, power: float):
+def _schedule(name: str, total: int, warmup: int, power: float) -> Callable[[int], float]:
     """Linear warm-up, then cosine or polynomial decay to zero over the remaining steps."""
 
     def factor(step: int) -> float:

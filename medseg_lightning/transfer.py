@@ -22,8 +22,7 @@ def load_pretrained(network: nn.Module, spec: str, root: Path) -> str | None:
     """Loads encoder weights named by ``spec`` into ``network``; returns a one-line report (None if nothing to do).
 
     Raises:
-        FileNotFoundError: a weights file that does not exist.
-        ValueError: weights that do not fit the encoder at all.
+        ValueError: a weights file that does not exist, or weights that do not fit the encoder at all.
     """
     if spec in ("none", "timm"):
         return None
@@ -38,7 +37,7 @@ def load_pretrained(network: nn.Module, spec: str, root: Path) -> str | None:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise ValueError(
                 f"model.pretrained: {path} not found; use none, timm, a .safetensors/.pth file, runs:/<run id> "
                 "or models:/<name>/<version>"
             )

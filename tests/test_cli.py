@@ -46,3 +46,17 @@ def test_registry_suggests_close_names() -> None:
         registry.get("unte")
     with pytest.raises(ValueError, match="already registered"):
         registry.register("unet")(3)
+
+
+def test_ui_starts_mlflow_on_the_project_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess as subprocess_module
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess_module, "call", lambda command: calls.append(command) or 0)
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui", "--port", "5123"]) == 0
+    command = calls[0]
+    assert command[1:4] == ["-m", "mlflow", "ui"]
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert command[command.index("--port") + 1] == "5123"

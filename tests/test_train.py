@@ -146,3 +146,14 @@ def test_cli_train_prints_a_summary(tiny_experiment: Path, tmp_path: Path, monke
     out = capsys.readouterr().out
     assert "best epoch 0" in out and "val: dice=" in out and "medseg ui" in out, out
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+
+
+def test_bad_transfer_and_resume_arguments_fail_clearly(tiny_experiment: Path, tmp_path: Path, monkeypatch,
+                                                        capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nope.safetensors"
+    assert main(["train", str(tiny_experiment), "--set", f"model.pretrained={missing}", "--set",
+                 "model.encoder=test_resnet"]) == 2
+    assert f"model.pretrained: {missing} not found" in capsys.readouterr().err
+    assert main(["train", str(tiny_experiment), "--set", "model.encoder=test_resnet", "--resume", "0123abc"]) == 2
+    assert "--resume 0123abc: no such MLflow run" in capsys.readouterr().err

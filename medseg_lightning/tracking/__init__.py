@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config_schema import ExperimentConfig
 
@@ -64,6 +65,11 @@ def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | Non
     """
     uri, artifacts = resolve_store(config, root)
     name = config.tracking.experiment_name or config.name
+    if resume_run_id:
+        try:
+            MlflowClient(uri).get_run(resume_run_id)
+        except mlflow.exceptions.MlflowException:
+            raise ValueError(f"--resume {resume_run_id}: no such MLflow run in {uri}") from None
     run_id = resume_run_id or (None if is_global_zero() else os.environ.get(RUN_ID_ENV))
     logger = MLFlowLogger(experiment_name=name, run_name=config.tracking.run_name, tracking_uri=uri,
                           tags=config.tracking.tags or None, artifact_location=artifacts, run_id=run_id)
