@@ -17,9 +17,11 @@ from medseg_lightning.data.io import DataError
 if TYPE_CHECKING:
     from medseg_lightning.config_schema import ExperimentConfig
     from medseg_lightning.data.check import PreparedDataset
+    from medseg_lightning.scoring import EvaluationReport
     from medseg_lightning.train import RunResult
 
 Handler = Callable[[argparse.Namespace], int]
+STATISTICS = ("_median", "_std", "_ci_low", "_ci_high")
 
 
 def _add_experiment(parser: argparse.ArgumentParser) -> None:
@@ -108,17 +110,57 @@ def format_summary(result: RunResult) -> str:
     """The one-screen summary printed after training."""
     minutes, seconds = divmod(int(result.seconds), 60)
     lines = [f"finished in {minutes}m{seconds:02d}s; best epoch {result.best_epoch}"]
+    metrics = result.metrics
     for split in ("val", "test"):
-        keys = sorted(k for k in result.metrics if k.startswith((f"{split}/dice", f"{split}/hd95"))
-                      and not k.endswith(("_median", "_std", "/mean")))
-        if keys:
-            lines.append(f"  {split}: " + "  ".join(f"{k.removeprefix(split + '/')}={result.metrics[k]:.4g}"
-                                                    for k in keys))
+        if f"{split}/dice" not in metrics:
+            continue
+        classes = sorted(k for k in metrics if k.startswith(f"{split}/dice/") and not k.endswith(STATISTICS)
+                         and k != f"{split}/dice/mean")
+        distance = next((k for k in (f"{split}/hd95/mean", f"{split}/hd95_px/mean") if k in metrics), None)
+        parts = [f"dice={_interval(metrics, f'{split}/dice/mean')}",
+                 *(f"{k.removeprefix(split + '/dice/')}={metrics[k]:.4f}" for k in classes)]
+        if distance:
+            parts.append(f"{distance.removeprefix(split + '/').removesuffix('/mean')}={metrics[distance]:.3g}")
+        lines.append(f"  {split}: " + "  ".join(parts))
+        for key in sorted(k for k in metrics if k.startswith(f"{split}/fairness/") and k.endswith("/dice_gap")):
+            attribute = key.split("/")[2]
+            lines.append(f"    fairness {attribute}: dice gap {_interval(metrics, key)}")
     lines.append(f"MLflow run {result.run_id} in experiment '{result.experiment_name}' ({result.tracking_uri})")
     if result.model_uri:
         lines.append(f"model: {result.model_uri}")
     lines.append("look at it: medseg ui   (then open http://127.0.0.1:5000)")
     return "\n".join(lines)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medseg_lightning.evaluate import run_evaluation
+
+    config = load_config(args.data, args.overrides)
+    result = run_evaluation(args.model, config, split=args.split)
+    print(format_evaluation(result.report))
+    print(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
+    return 0
+
+
+def format_evaluation(report: EvaluationReport) -> str:
+    """Mean Dice with its interval, then each audited attribute's groups, worst group and gap."""
+    summary = report.summary
+    lines = [f"{report.split}: {int(summary.get('n_cases', 0))} cases, Dice {_interval(summary, 'dice/mean')}"]
+    for item in report.audits:
+        if not item.available:
+            lines.append(f"  {item.attribute}: not audited ({item.note})")
+            continue
+        groups = ", ".join(f"{g.group} {g.dice.mean:.3f} (n={g.n})" if g.measured and g.dice else f"{g.group} too small"
+                           for g in item.groups)
+        gap = (f"; gap {item.dice_gap.mean:.3f} [{item.dice_gap.ci_low:.3f}, {item.dice_gap.ci_high:.3f}], "
+               f"worst {item.worst_group}" if item.dice_gap else f"; {item.note}")
+        lines.append(f"  {item.attribute}: {groups}{gap}")
+    return "\n".join(lines)
+
+
+def _interval(summary: dict[str, float], key: str) -> str:
+    return f"{summary.get(key, float('nan')):.4f} [{summary.get(key + '_ci_low', float('nan')):.4f}, " \
+           f"{summary.get(key + '_ci_high', float('nan')):.4f}]"
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -149,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(train)
     train.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     train.set_defaults(handler=_train)
+
+    evaluate = verbs.add_parser("evaluate", help="evaluate a model on a dataset split: metrics, fairness, model card")
+    evaluate.add_argument("--model", required=True,
+                          help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a saved model folder")
+    evaluate.add_argument("--data", type=Path, required=True, help="experiment YAML whose data (and fairness) to use")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a field of the --data experiment (repeatable)")
+    evaluate.set_defaults(handler=_evaluate)
 
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
     ui.add_argument("--host", default="127.0.0.1")

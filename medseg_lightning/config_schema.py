@@ -5,6 +5,7 @@ The schema lives apart from the loader (``config.py``) so that reading the field
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,6 +221,44 @@ class TrackingConfig(StrictModel):
     log_model: bool = True
 
 
+class FairnessConfig(StrictModel):
+    """Which patient attributes to audit, and how: per-group metrics with bootstrap intervals, gaps, caveats."""
+
+    attributes: list[str] = Field(default_factory=list, description="manifest columns to audit, e.g. [sex, age, site]")
+    bins: dict[str, list[float]] = Field(
+        default_factory=dict, description="edges for continuous attributes, e.g. {age: [0, 40, 60, 120]}"
+    )
+    min_group_size: int = Field(10, ge=1, description="smaller groups are reported as too small to measure")
+    n_bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for confidence intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of every confidence interval")
+    gap_threshold: float = Field(0.05, ge=0.0, description="a Dice gap above this becomes a model-card caveat")
+    seed: int = Field(0, description="seed of the bootstrap, so reruns give the same intervals")
+
+    @model_validator(mode="after")
+    def _check_bins(self) -> FairnessConfig:
+        for name, edges in self.bins.items():
+            if name not in self.attributes:
+                raise ValueError(f"bins for {name!r}, which is not in attributes {self.attributes}")
+            if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
+                raise ValueError(f"bins for {name!r} must be at least 2 increasing edges, got {edges}")
+        return self
+
+
+class ModelCardConfig(StrictModel):
+    """What only the model's authors can say (Mitchell et al. 2019); the numbers are filled in from the run."""
+
+    model_name: str | None = Field(None, description="null: the experiment's name")
+    version: str | None = Field(None, description="null: the MLflow run id")
+    owners: list[str] = Field(default_factory=list, description="people or team to contact")
+    license: str = Field("unspecified", description="licence of the model weights, e.g. CC-BY-4.0")
+    intended_use: str = Field("", description="primary intended uses and users")
+    out_of_scope_uses: list[str] = Field(default_factory=list, description="uses the model must not be put to")
+    ethical_considerations: list[str] = Field(default_factory=list)
+    caveats: list[str] = Field(default_factory=list, description="known limitations, added to the generated ones")
+    recommendations: list[str] = Field(default_factory=list)
+    min_test_cases: int = Field(30, ge=1, description="fewer evaluation cases than this becomes a caveat")
+
+
 class ExperimentConfig(StrictModel):
     """One experiment: what ``medseg`` commands read from ``experiments/*.yaml``."""
 
@@ -232,3 +271,5 @@ class ExperimentConfig(StrictModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig)
+    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)

@@ -17,11 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medseg_lightning.config_schema import OptimizerConfig
-from medseg_lightning.data.preprocess import restore_volume
-from medseg_lightning.metrics import SliceMetrics, aggregate, case_metrics, name_metrics
-
-SPLIT_PREFIX = {"val": "val", "test": "test"}
+from medseg_lightning.config_schema import FairnessConfig, OptimizerConfig
+from medseg_lightning.metrics import SliceMetrics, name_metrics
+from medseg_lightning.scoring import EvaluationReport, predict_labels, score_case, summarize
 
 
 class SegmentationModule(pl.LightningModule):
@@ -32,6 +30,7 @@ class SegmentationModule(pl.LightningModule):
             frozen for the first ``encoder_freeze_epochs`` and gets ``lr * encoder_lr_multiplier``.
         loss: ``(logits, target) -> scalar``.
         labels: class index -> name, used in metric names (``val/dice/anterior``).
+        fairness: attributes audited at every validation and test pass (``val/fairness/sex/dice_gap``).
     """
 
     def __init__(
@@ -44,6 +43,7 @@ class SegmentationModule(pl.LightningModule):
         encoder_lr_multiplier: float = 1.0,
         inference_batch_size: int = 64,
         overlay_cases: int = 0,
+        fairness: FairnessConfig | None = None,
     ) -> None:
         super().__init__()
         self.network = network
@@ -54,9 +54,10 @@ class SegmentationModule(pl.LightningModule):
         self.encoder_lr_multiplier = encoder_lr_multiplier
         self.inference_batch_size = inference_batch_size
         self.overlay_cases = overlay_cases
+        self.fairness = fairness or FairnessConfig()
         self.train_metrics = SliceMetrics(len(labels))
         self.case_rows: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
-        self.case_tables: dict[str, list[dict[str, Any]]] = {}
+        self.reports: dict[str, EvaluationReport] = {}
         self.overlays: list[dict[str, Any]] = []
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -88,25 +89,10 @@ class SegmentationModule(pl.LightningModule):
             self.log(f"train/{key}", float(value), sync_dist=False)
 
     # --- case-level evaluation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_slices(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``(S, K, H, W)`` for the slices of one case, in chunks that fit in memory."""
-        chunks = [
-            torch.softmax(self(image[start : start + self.inference_batch_size].to(self.device)).float(), dim=1)
-            for start in range(0, len(image), self.inference_batch_size)
-        ]
-        return torch.cat(chunks)
-
     def _score_cases(self, batch: list[dict[str, Any]], split: str) -> None:
         for item in batch:
-            probabilities = self.predict_slices(item["image"])
-            labels = probabilities.argmax(1).to(torch.uint8).cpu().numpy()
-            prediction = restore_volume(labels, item["meta"])
-            metrics = case_metrics(prediction, item["target"].numpy(), item["meta"]["spacing"], len(self.labels),
-                                   spacing_known=item["meta"]["spacing_known"])
-            row = {"case_id": item["case_id"], **name_metrics(metrics, self.labels)}
-            row.update({f"attr/{key}": value for key, value in item["attributes"].items()})
-            self.case_rows[split].append(row)
+            labels = predict_labels(self, item["image"], self.inference_batch_size)
+            self.case_rows[split].append(score_case(item, labels, self.labels))
             if split == "val" and len(self.overlays) < self.overlay_cases:
                 self.overlays.append(_overlay_sample(item, labels))
 
@@ -130,17 +116,15 @@ class SegmentationModule(pl.LightningModule):
         self._log_case_metrics("test")
 
     def _log_case_metrics(self, split: str) -> None:
+        """Summary, intervals and fairness of all ranks' cases, logged by every rank alike (no sync needed)."""
         rows = _gather_rows(self.case_rows[split])
-        self.case_tables[split] = rows
         if not rows:
             return
-        numeric = [{k: v for k, v in row.items() if isinstance(v, int | float)} for row in rows]
-        summary = aggregate(numeric)
-        for key, value in summary.items():
-            if math.isfinite(value):
-                self.log(f"{SPLIT_PREFIX[split]}/{key}", value, sync_dist=False, prog_bar=key == "dice/mean")
-        self.log(f"{SPLIT_PREFIX[split]}/dice", summary["dice/mean"], sync_dist=False, prog_bar=True)
-        self.log(f"{SPLIT_PREFIX[split]}/n_cases", float(len(rows)), sync_dist=False)
+        classes = [name for key, name in sorted(self.labels.items()) if key > 0]
+        report = summarize(rows, split, self.fairness, classes)
+        self.reports[split] = report
+        for key, value in report.metrics().items():
+            self.log(key, value, sync_dist=False, prog_bar=key == f"{split}/dice")
 
     # --- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

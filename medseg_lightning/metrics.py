@@ -22,6 +22,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.segmentation import DiceScore
 
+from medseg_lightning.bootstrap import finite, interval
+
 V = TypeVar("V")
 Box = tuple[slice, ...]
 
@@ -38,9 +40,9 @@ def case_metrics(
     For each foreground class ``c`` in ``1..num_classes-1``: ``dice/c``, ``iou/c``, ``hd95/c`` (symmetric 95th
     percentile Hausdorff distance in mm: the larger of the two directed 95th percentiles of surface-to-surface
     distances, as MONAI computes it), ``assd/c`` (mean of both directed surface distance sets pooled, in mm) and
-    ``vol_pred_ml/c``, ``vol_true_ml/c``. ``dice/mean``, ``iou/mean``, ``hd95/mean`` and ``assd/mean`` average the
-    foreground classes. Surfaces are mask voxels with a 6-connected (4 in 2D) background neighbour; voxels on the
-    image border count as surface.
+    ``vol_pred_ml/c``, ``vol_true_ml/c``, ``vol_err_ml/c`` (predicted minus true). ``dice/mean``, ``iou/mean``,
+    ``hd95/mean`` and ``assd/mean`` average the foreground classes. Surfaces are mask voxels with a 6-connected
+    (4 in 2D) background neighbour; voxels on the image border count as surface.
 
     Empty masks, by convention: both empty -> dice 1, iou 1, hd95 0, assd 0 (nothing to find, nothing found);
     exactly one empty -> dice 0, iou 0 and hd95 = assd = the image diagonal (``shape * spacing``), a finite
@@ -52,7 +54,7 @@ def case_metrics(
         spacing: voxel size in mm along each axis of ``pred``.
         num_classes: number of classes, background (0) included.
         spacing_known: when False (e.g. PNG masks) distances are in pixels: keys ``hd95_px/c``, ``assd_px/c`` and
-            voxel counts ``vol_pred_vox/c``, ``vol_true_vox/c``; ``spacing`` is ignored.
+            voxel counts ``vol_pred_vox/c``, ``vol_true_vox/c``, ``vol_err_vox/c``; ``spacing`` is ignored.
     """
     pred, target = _check_labels(pred, target)
     sampling = _check_spacing(spacing, pred.ndim) if spacing_known else np.ones(pred.ndim)
@@ -77,6 +79,7 @@ def case_metrics(
         out |= {
             f"vol_pred_{volume_key}/{c}": n_pred * voxel_volume,
             f"vol_true_{volume_key}/{c}": n_true * voxel_volume,
+            f"vol_err_{volume_key}/{c}": (n_pred - n_true) * voxel_volume,
         }
     for name in ("dice", "iou", f"hd95{unit}", f"assd{unit}"):
         out[f"{name}/mean"] = float(np.mean([out[f"{name}/{c}"] for c in range(1, num_classes)]))
@@ -173,22 +176,26 @@ def name_metrics(metrics: Mapping[str, V], labels: Mapping[int, str]) -> dict[st
     return named
 
 
-def aggregate(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Mean, median and standard deviation over cases of every key, ignoring NaN (and cases lacking the key).
+def aggregate(
+    per_case: Sequence[Mapping[str, float]], n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Mean, median, standard deviation and bootstrap interval over cases of every key, ignoring NaN.
 
-    Returns ``<key>`` (mean), ``<key>_median`` and ``<key>_std`` (sample standard deviation, 0 for one case);
-    a key that is NaN in every case stays NaN.
+    Returns ``<key>`` (mean), ``<key>_median``, ``<key>_std`` (sample standard deviation, 0 for one case) and
+    ``<key>_ci_low`` / ``<key>_ci_high`` (percentile bootstrap of the mean); a key NaN in every case stays NaN.
     """
+    rng = np.random.default_rng(seed)
     keys = list(dict.fromkeys(key for case in per_case for key in case))
     out: dict[str, float] = {}
     for key in keys:
-        values = np.asarray([case[key] for case in per_case if key in case], dtype=np.float64)
-        values = values[~np.isnan(values)]
+        values = finite(np.asarray([case[key] for case in per_case if key in case], dtype=np.float64))
+        estimate = interval(values, n_bootstrap, confidence, rng)
         if values.size == 0:
-            out |= {key: math.nan, f"{key}_median": math.nan, f"{key}_std": math.nan}
+            out |= {f"{key}{suffix}": math.nan for suffix in ("", "_median", "_std", "_ci_low", "_ci_high")}
             continue
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        out |= {key: float(values.mean()), f"{key}_median": float(np.median(values)), f"{key}_std": std}
+        out |= {key: estimate.mean, f"{key}_median": float(np.median(values)), f"{key}_std": std,
+                f"{key}_ci_low": estimate.ci_low, f"{key}_ci_high": estimate.ci_high}
     return out
 
 
@@ -227,7 +234,7 @@ class SliceMetrics(nn.Module):
     def compute(self) -> dict[str, torch.Tensor]:
         """``dice/<c>`` and ``iou/<c>`` for foreground classes ``c``, plus ``dice/mean`` and ``iou/mean``."""
         values = self.metrics.compute()
-        per_class = {"dice": values["dice"], "iou": values["iou"][1:]}
+        per_class = {"dice": values["dice"].reshape(-1), "iou": values["iou"].reshape(-1)[1:]}  # 0-d when binary
         out: dict[str, torch.Tensor] = {}
         for name, scores in per_class.items():
             out |= {f"{name}/{c}": scores[c - 1] for c in range(1, self.num_classes)}

@@ -21,9 +21,11 @@ from medseg_lightning import tracking
 from medseg_lightning.config import config_to_yaml
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
+from medseg_lightning.evaluate import SPLITS, RunContext, write_outputs
 from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.losses import create_loss
 from medseg_lightning.model_io import build_network, save_bundle
+from medseg_lightning.scoring import split_group_counts
 from medseg_lightning.transfer import load_pretrained
 
 
@@ -48,6 +50,11 @@ def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | Non
         root: project folder whose ``mlruns/`` holds the default store and checkpoints (default: found from cwd).
         resume: an MLflow run id to continue from its last checkpoint.
     """
+    with tracking.restoring_store_env():
+        return _run(config, root, resume)
+
+
+def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> RunResult:
     started = time.perf_counter()
     _quiet_library_chatter()
     root = root or tracking.project_root(Path.cwd())
@@ -65,6 +72,7 @@ def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | Non
         encoder_freeze_epochs=config.model.encoder_freeze_epochs,
         encoder_lr_multiplier=config.model.encoder_lr_multiplier,
         inference_batch_size=config.trainer.inference_batch_size, overlay_cases=config.tracking.log_overlays,
+        fairness=config.fairness,
     )
     logger = tracking.create_logger(config, root, resume_run_id=resume)
     checkpoints = root / "mlruns" / "checkpoints" / logger.run_id if logger.run_id else None
@@ -87,7 +95,7 @@ def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | Non
                        tracking_uri=logger._tracking_uri or "", best_checkpoint=checkpoint.best_model_path,
                        best_epoch=_epoch_of(checkpoint.best_model_path), metrics=metrics)
     if trainer.is_global_zero:
-        result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path)
+        result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path, root)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -144,17 +152,19 @@ def _epoch_of(checkpoint: str) -> int:
 
 
 def _log_outputs(logger: Any, module: SegmentationModule, datamodule: SegmentationDataModule,
-                 config: ExperimentConfig, best_checkpoint: str) -> str | None:
-    """Per-case tables, the best checkpoint and the model (safetensors + config, as an MLflow pyfunc)."""
-    import pandas as pd
-
+                 config: ExperimentConfig, best_checkpoint: str, root: Path) -> str | None:
+    """Reports and model card of the best model, the best checkpoint, and the model (safetensors + config)."""
+    dataset = datamodule.dataset
+    context = RunContext(
+        config=config, kind="training", run_id=logger.run_id, root=root, split_counts=datamodule.split_counts(),
+        group_counts=split_group_counts({split: dataset.split(split) for split in SPLITS}, config.fairness),
+        fingerprint=dataset.fingerprint)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for split, rows in module.case_tables.items():
-            if rows:
-                path = folder / f"{split}_cases.csv"
-                pd.DataFrame(rows).to_csv(path, index=False)
-                tracking.log_artifact_file(logger, path, "metrics")
+        outputs = write_outputs(module.reports, context, folder)
+        for artifact_folder, files in outputs.files.items():
+            tracking.log_report(logger.experiment, logger.run_id, files, artifact_folder, {})
+        tracking.log_report(logger.experiment, logger.run_id, [], "", outputs.tags, outputs.description or None)
         if best_checkpoint:
             tracking.log_artifact_file(logger, Path(best_checkpoint), "checkpoints")
         if not config.tracking.log_model:

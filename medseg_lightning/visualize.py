@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -39,5 +40,52 @@ def save_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, l
         figure.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def save_fairness_plot(audit: dict[str, Any], path: Path, confidence: float, min_group_size: int) -> Path:
+    """Mean Dice per group with its confidence interval, zoomed to the intervals so that a gap is visible.
+
+    The worst group is red, a dashed line marks the best group's mean, and too-small groups are named on the axis
+    but never drawn as a number.
+
+    Args:
+        audit: one attribute of the fairness report (``fairness.json``'s ``attributes`` entries).
+    """
+    groups = audit["groups"]
+    measured = [group["dice"] for group in groups if group["measured"] and group.get("dice")]
+    figure, axis = plt.subplots(figsize=(max(3.8, 1.2 * len(groups) + 1.8), 3.4))
+    low = min((dice["ci_low"] for dice in measured), default=0.0)
+    high = max((dice["ci_high"] for dice in measured), default=1.0)
+    pad = max(0.01, 0.25 * (high - low))
+    bottom, top = max(0.0, low - pad), min(1.0, high + pad)  # Dice never exceeds 1
+    top = top if top > high else high + pad / 4
+    has_gap = audit.get("dice_gap") is not None
+    for x, group in enumerate(groups):
+        if not group["measured"]:
+            axis.text(x, (bottom + top) / 2, f"< {min_group_size} cases:\nnot measured", ha="center", va="center",
+                      fontsize=7, color="#666666")
+            continue
+        dice = group["dice"]
+        colour = "#d62728" if has_gap and group["group"] == audit.get("worst_group") else "#1f77b4"
+        axis.errorbar(x, dice["mean"], yerr=[[dice["mean"] - dice["ci_low"]], [dice["ci_high"] - dice["mean"]]],
+                      fmt="o", color=colour, capsize=5)
+        axis.annotate(f" {dice['mean']:.3f}\n n={group['n']}", (x, dice["mean"]), textcoords="offset points",
+                      xytext=(8, -8), fontsize=7)
+    if has_gap:
+        axis.axhline(audit["dice_best"], color="#888888", linestyle="--", linewidth=0.8)
+    axis.set_xticks(range(len(groups)), [group["group"] for group in groups])
+    axis.set_xlim(-0.6, len(groups) - 0.2)
+    axis.set_ylim(bottom, top)
+    axis.set_ylabel("mean case Dice")
+    title = f"{audit['attribute']}: group means, {round(confidence * 100)}% bootstrap CI"
+    if has_gap:
+        gap = audit["dice_gap"]
+        title += f"\ngap {gap['mean']:.3f} [{gap['ci_low']:.3f}, {gap['ci_high']:.3f}], worst: {audit['worst_group']}"
+    axis.set_title(title, fontsize=9)
+    axis.grid(axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

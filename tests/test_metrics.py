@@ -131,6 +131,14 @@ def test_slice_metrics_on_a_known_batch() -> None:
     assert metrics.compute()["iou/1"].item() == 1.0
 
 
+def test_slice_metrics_of_a_binary_task() -> None:
+    metrics = SliceMetrics(2)
+    metrics.update(torch.tensor([[[0, 1, 1, 0]]]), torch.tensor([[[0, 1, 0, 0]]]))
+    values = metrics.compute()
+    assert values["dice/1"].item() == pytest.approx(2 / 3) and values["iou/1"].item() == pytest.approx(1 / 2)
+    assert values["dice/mean"].item() == pytest.approx(2 / 3)
+
+
 # --- cross-check against MONAI (test-only dependency) ---------------------------------------------------------------
 def _blobs(shape: tuple[int, ...], seed: int, num_classes: int) -> np.ndarray:
     """Smooth random label blobs, some touching the image border."""

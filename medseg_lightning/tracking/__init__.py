@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import mlflow
-import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -28,10 +24,9 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.provenance import dvc_state, git_state, package_versions
 
 RUN_ID_ENV = "MEDSEG_RUN_ID"
-PACKAGES = ("medseg-lightning", "torch", "torchvision", "lightning", "timm", "torchmetrics", "mlflow", "optuna",
-            "albumentations", "nibabel", "numpy", "safetensors")
 
 
 def project_root(start: Path) -> Path:
@@ -90,42 +85,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_state(folder: Path) -> dict[str, str]:
-    """Commit and dirty flag of the checkout that runs the code (empty outside a git repository)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                                capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
-
-
-def dvc_state(source: Path) -> dict[str, str]:
-    """The DVC hash of the dataset when it is tracked with ``dvc add`` (``<source>.dvc`` beside it)."""
-    candidates = [source.with_name(source.name + ".dvc"), source.parent.with_name(source.parent.name + ".dvc")]
-    for path in candidates:
-        if path.is_file():
-            try:
-                outs = (yaml.safe_load(path.read_text()) or {}).get("outs", [])
-            except yaml.YAMLError:
-                return {}
-            if outs and outs[0].get("md5"):
-                return {"data.dvc_md5": str(outs[0]["md5"]), "data.dvc_file": path.name}
-    return {}
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def log_provenance(logger: MLFlowLogger, config: ExperimentConfig, config_yaml: str, fingerprint: dict[str, Any],
                    split_counts: dict[str, int], root: Path) -> None:
     """Params, tags and artifacts that make the run reproducible; no patient identifiers."""
@@ -151,13 +110,33 @@ def log_provenance(logger: MLFlowLogger, config: ExperimentConfig, config_yaml: 
         (folder / "environment.json").write_text(json.dumps(versions, indent=2))
         for name in ("config.yaml", "data_fingerprint.json", "environment.json"):
             client.log_artifact(run_id, str(folder / name))
+    log_dataset_input(client, run_id, config, fingerprint, "training")
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, config: ExperimentConfig, fingerprint: dict[str, Any],
+                      context: str) -> None:
+    """The dataset (its source and fingerprint digest) as an MLflow dataset input of the run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # several local source types match a path; any of them is right
         source = resolve_dataset_source(str(config.data.source))
-    dataset = MetaDataset(source=source, name=config.name,
-                          digest=fingerprint.get("fingerprint", "")[:36])
-    context = InputTag(key="mlflow.data.context", value="training")
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+    dataset = MetaDataset(source=source, name=config.name, digest=fingerprint.get("fingerprint", "")[:36])
+    tag = InputTag(key="mlflow.data.context", value=context)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+
+
+def log_report(client: MlflowClient, run_id: str, files: list[Path], folder: str, tags: dict[str, str],
+               description: str | None = None) -> None:
+    """Report files as artifacts under ``folder``, tags, and the model card as the run's description.
+
+    MLflow shows the description (tag ``mlflow.note.content``) as rendered Markdown on the run page, so the card
+    is the first thing a reader sees.
+    """
+    for path in files:
+        client.log_artifact(run_id, str(path), folder)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    if description is not None:
+        client.set_tag(run_id, "mlflow.note.content", description)
 
 
 def start_system_metrics(run_id: str, tracking_uri: str) -> Any | None:
@@ -191,6 +170,20 @@ def using_store(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
+@contextmanager
+def restoring_store_env() -> Iterator[None]:
+    """Undoes ``MLFLOW_TRACKING_URI`` changes made inside the block (Lightning's MLFlowLogger sets it for the
+    whole process when it creates the run, which would send a later run in the same process to this store)."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def log_artifact_file(logger: MLFlowLogger, path: Path, folder: str | None = None) -> None:
     logger.experiment.log_artifact(logger.run_id, str(path), folder)
 
@@ -202,6 +195,7 @@ def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, predictio
     import medseg_lightning
 
     code = Path(__file__).with_name("pyfunc_model.py")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a few small files are noise
     with using_store(logger._tracking_uri), mlflow.start_run(run_id=logger.run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
         info = mlflow.pyfunc.log_model(
@@ -243,6 +237,7 @@ def load_logged_bundle(uri: str, root: Path) -> Any:
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
         uri = f"{uri.rstrip('/')}/model"
     store, _ = resolve_store_from_env(root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model file is noise
     try:
         with using_store(store):
             model = mlflow.pyfunc.load_model(uri)

@@ -1,0 +1,159 @@
+"""``medseg evaluate``: any logged, registered or saved model on any dataset, as an MLflow run of its own.
+
+It also holds what training and evaluation share after scoring: the report files, the fairness tags and the
+model card of a run (``write_outputs``), so both kinds of run document themselves the same way.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from medseg_lightning import __version__
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.data.datamodule import SegmentationDataModule
+from medseg_lightning.data.dataset import CaseDataset
+from medseg_lightning.model_io import ModelBundle, load_bundle
+from medseg_lightning.modelcard import CardInputs, build_card
+from medseg_lightning.modelcard_render import render_summary, write_card
+from medseg_lightning.provenance import dvc_state, git_state
+from medseg_lightning.scoring import (
+    EvaluationReport,
+    evaluate_cases,
+    report_files,
+    split_group_counts,
+    worst_group_tags,
+)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RunOutputs:
+    """Files to log per artifact folder, tags, the model card and its digest for the run description."""
+
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass
+class RunContext:
+    """What a model card needs to know about the run besides its scores."""
+
+    config: ExperimentConfig
+    kind: str
+    run_id: str
+    root: Path
+    split_counts: dict[str, int]
+    group_counts: dict[str, dict[str, dict[str, int | None]]]
+    fingerprint: dict[str, Any]
+    source_model: str | None = None
+    source_run_id: str | None = None
+
+
+def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, folder: Path) -> RunOutputs:
+    """Report files of every split and the model card of the test split (validation when there is no test)."""
+    outputs = RunOutputs()
+    outputs.files["metrics"] = [path for report in reports.values()
+                                for path in report_files(report, context.config.fairness, folder / "metrics")]
+    for report in reports.values():
+        outputs.tags |= worst_group_tags(report)
+    card_split = "test" if "test" in reports else next(iter(reports), None)
+    if card_split is None:
+        return outputs
+    git = git_state(context.root)
+    report = reports[card_split]
+    inputs = CardInputs(
+        config=context.config, kind=context.kind, run_id=context.run_id,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        git_commit=git.get("git.commit"), git_dirty=git.get("git.dirty") == "true" if git else None,
+        package_version=__version__, evaluation_split=card_split, summary=report.summary, fairness=report.fairness,
+        split_counts=context.split_counts, group_counts=context.group_counts,
+        dataset_fingerprint=context.fingerprint, dvc_hash=dvc_state(context.config.data.source).get("data.dvc_md5"),
+        source_model=context.source_model, source_run_id=context.source_run_id,
+    )
+    outputs.card = build_card(inputs)
+    outputs.description = render_summary(outputs.card)
+    outputs.files["model_card"] = write_card(outputs.card, folder / "model_card")
+    return outputs
+
+
+def load_model(spec: str, root: Path) -> ModelBundle:
+    """A model from ``runs:/ID``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a saved model folder (with
+    ``model.yaml`` and ``weights.safetensors``) or a downloaded MLflow model folder."""
+    if spec.startswith(("runs:/", "models:/")):
+        from medseg_lightning import tracking
+
+        return tracking.load_logged_bundle(spec, root)
+    path = Path(spec).expanduser()
+    for folder in (path, path / "artifacts" / "bundle"):
+        if (folder / "model.yaml").is_file():
+            return load_bundle(folder)
+    raise ValueError(f"--model {spec}: not runs:/<run id>, models:/<name>@<alias>, models:/<name>/<version>, "
+                     "or a folder with model.yaml and weights.safetensors")
+
+
+def evaluation_config(data: ExperimentConfig, model: ExperimentConfig) -> ExperimentConfig:
+    """The experiment's data, read the way the model was trained to see it (preprocessing, slicing, labels).
+
+    Raises:
+        ValueError: the data has a different number of modalities or classes than the model was trained on.
+    """
+    if len(data.data.image_columns) != len(model.data.image_columns):
+        raise ValueError(f"the model takes {len(model.data.image_columns)} modalities {model.data.image_columns}, "
+                         f"the data has {len(data.data.image_columns)} {data.data.image_columns}")
+    if data.data.num_classes != model.data.num_classes:
+        raise ValueError(f"the model predicts {model.data.num_classes} classes {model.data.labels}, the data has "
+                         f"{data.data.num_classes} {data.data.labels}")
+    fields = {"preprocessing": model.data.preprocessing, "slicing": model.data.slicing, "labels": model.data.labels}
+    return data.model_copy(update={"data": data.data.model_copy(update=fields)})
+
+
+@dataclass
+class EvaluationResult:
+    run_id: str
+    tracking_uri: str
+    report: EvaluationReport
+    seconds: float
+
+
+def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "test",
+                   root: Path | None = None) -> EvaluationResult:
+    """Evaluates a model on one split of the experiment's data, as its own MLflow run linked to the model's run."""
+    from medseg_lightning import tracking
+    from medseg_lightning.tracking.evaluation import evaluation_run, log_metrics, source_run_id
+
+    started = time.perf_counter()
+    root = root or tracking.project_root(Path.cwd())
+    bundle = load_model(model_spec, root)
+    config = evaluation_config(experiment, bundle.config)
+    datamodule = SegmentationDataModule(config.data, seed=config.seed)
+    datamodule.setup("test")
+    if datamodule.in_channels != bundle.in_channels:
+        raise ValueError(f"the model takes {bundle.in_channels} input channels, the data gives "
+                         f"{datamodule.in_channels}")
+    cases = datamodule.dataset.split(split)
+    if not cases:
+        counts = ", ".join(f"{name} {count}" for name, count in datamodule.split_counts().items())
+        raise ValueError(f"split {split!r} has no cases ({counts}); check data.split or pass --split")
+    with evaluation_run(config, root, model_spec, split, datamodule.dataset.fingerprint) as (client, run_id):
+        report = evaluate_cases(bundle.network, CaseDataset(cases, config.data.slicing.context), split, config)
+        log_metrics(client, run_id, report.metrics())
+        context = RunContext(
+            config=config, kind="evaluation", run_id=run_id, root=root, split_counts=datamodule.split_counts(),
+            group_counts=split_group_counts({s: datamodule.dataset.split(s) for s in SPLITS}, config.fairness),
+            fingerprint=datamodule.dataset.fingerprint, source_model=model_spec,
+            source_run_id=source_run_id(model_spec, root))
+        with tempfile.TemporaryDirectory() as tmp:
+            outputs = write_outputs({split: report}, context, Path(tmp))
+            for folder, files in outputs.files.items():
+                tracking.log_report(client, run_id, files, folder, {}, None)
+            tracking.log_report(client, run_id, [], "", outputs.tags, outputs.description or None)
+    return EvaluationResult(run_id=run_id, tracking_uri=client.tracking_uri, report=report,
+                            seconds=time.perf_counter() - started)

@@ -1,0 +1,52 @@
+"""Where a run came from: the code's git commit, the data's DVC hash and the package versions.
+
+Plain functions with no MLflow import, so model cards and evaluations can state provenance too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+PACKAGES = ("medseg-lightning", "torch", "torchvision", "lightning", "timm", "torchmetrics", "mlflow", "optuna",
+            "albumentations", "nibabel", "numpy", "safetensors")
+
+
+def git_state(folder: Path) -> dict[str, str]:
+    """Commit and dirty flag of the checkout that runs the code (empty outside a git repository)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+
+
+def dvc_state(source: Path) -> dict[str, str]:
+    """The DVC hash of the dataset when it is tracked with ``dvc add`` (``<source>.dvc`` beside it)."""
+    candidates = [source.with_name(source.name + ".dvc"), source.parent.with_name(source.parent.name + ".dvc")]
+    for path in candidates:
+        if path.is_file():
+            try:
+                outs = (yaml.safe_load(path.read_text()) or {}).get("outs", [])
+            except yaml.YAMLError:
+                return {}
+            if outs and outs[0].get("md5"):
+                return {"data.dvc_md5": str(outs[0]["md5"]), "data.dvc_file": path.name}
+    return {}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
