@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 STATISTICS = ("_median", "_std", "_ci_low", "_ci_high")
+SWEEP_ACTIONS = ("status", "report")
 
 
 def _add_experiment(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +164,30 @@ def _interval(summary: dict[str, float], key: str) -> str:
            f"{summary.get(key + '_ci_high', float('nan')):.4f}]"
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    action, path = (args.target[0], args.target[1:]) if args.target[0] in SWEEP_ACTIONS else ("run", args.target)
+    if len(path) != 1:
+        print("error: usage: medseg sweep [status|report] SWEEP.yaml", file=sys.stderr)
+        return 2
+    sweep_file = Path(path[0])
+    if action == "status":
+        from medseg_lightning.sweep.session import sweep_status
+
+        print(sweep_status(sweep_file, args.overrides))
+        return 0
+    from medseg_lightning.sweep.session import refresh_report, run_sweep, sweep_status
+
+    if action == "report":
+        print(f"results logged to MLflow run {refresh_report(sweep_file, args.overrides)}")
+        return 0
+    outcome = run_sweep(sweep_file, args.overrides, jobs=args.jobs)
+    print(sweep_status(sweep_file, args.overrides))
+    if outcome.interrupted:
+        print(f"interrupted: rerun 'medseg sweep {sweep_file}' to continue the study", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -200,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a field of the --data experiment (repeatable)")
     evaluate.set_defaults(handler=_evaluate)
+
+    sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report: inspect it)",
+                             description="medseg sweep SWEEP.yaml | medseg sweep status SWEEP.yaml | "
+                                         "medseg sweep report SWEEP.yaml")
+    sweep.add_argument("target", nargs="+", metavar="[status|report] SWEEP.yaml")
+    sweep.add_argument("--jobs", type=int, help="trials at once on this machine (default: the sweep's jobs)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the sweep file, e.g. --set n_trials=10 (repeatable)")
+    sweep.set_defaults(handler=_sweep)
 
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
     ui.add_argument("--host", default="127.0.0.1")

@@ -26,6 +26,7 @@ from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.losses import create_loss
 from medseg_lightning.model_io import build_network, save_bundle
 from medseg_lightning.scoring import split_group_counts
+from medseg_lightning.sweep.trial import PruningCallback, trial_link, write_result
 from medseg_lightning.transfer import load_pretrained
 
 
@@ -78,7 +79,10 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
     checkpoints = root / "mlruns" / "checkpoints" / logger.run_id if logger.run_id else None
     checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor=config.trainer.monitor, mode=config.trainer.monitor_mode,
                                  save_last=True, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
-    trainer = _trainer(config, logger, [checkpoint, *_callbacks(config, logger)])
+    link = trial_link()  # set when an Optuna sweep launched this run
+    pruning = PruningCallback(link) if link else None
+    callbacks = [checkpoint, *_callbacks(config, logger), *([pruning] if pruning else [])]
+    trainer = _trainer(config, logger, callbacks)
     monitor = None
     if trainer.is_global_zero:
         tracking.log_provenance(logger, config, config_to_yaml(config), datamodule.dataset.fingerprint,
@@ -96,6 +100,8 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
                        best_epoch=_epoch_of(checkpoint.best_model_path), metrics=metrics)
     if trainer.is_global_zero:
         result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path, root)
+        if link and pruning:
+            write_result(link, result.run_id, metrics, pruning.pruned_at, trainer.current_epoch)
     result.seconds = time.perf_counter() - started
     return result
 

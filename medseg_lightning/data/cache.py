@@ -235,12 +235,22 @@ def _write_entry(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# np.load parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
+# ("SystemError: AST constructor recursion depth mismatch"); opening a memory map is cheap, so serialise it.
+_NPY_OPEN_LOCK = threading.Lock()
+
+
+def _open_map(path: Path) -> np.ndarray:
+    """A read-only memory map of a cached array, as a plain ndarray view (indexing a np.memmap costs more)."""
+    with _NPY_OPEN_LOCK:
+        return np.asarray(np.load(path, mmap_mode="r"))
+
+
 def load_entry(case: Case, entry: Path) -> PreparedCase:
     meta = json.loads((entry / "meta.json").read_text())
-    # plain ndarray views of the maps: indexing a np.memmap subclass costs several times more per sample
-    image = np.asarray(np.load(entry / "image.npy", mmap_mode="r"))
+    image = _open_map(entry / "image.npy")
     mask, native = None, None
     if (entry / "mask.npy").is_file():
-        mask = np.asarray(np.load(entry / "mask.npy", mmap_mode="r"))
-        native = np.asarray(np.load(entry / "native_mask.npy", mmap_mode="r"))
+        mask = _open_map(entry / "mask.npy")
+        native = _open_map(entry / "native_mask.npy")
     return PreparedCase(case=case, image=image, mask=mask, meta=meta, native_mask=native)

@@ -27,6 +27,7 @@ from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.provenance import dvc_state, git_state, package_versions
 
 RUN_ID_ENV = "MEDSEG_RUN_ID"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a few small files are noise
 
 
 def project_root(start: Path) -> Path:
@@ -195,7 +196,6 @@ def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, predictio
     import medseg_lightning
 
     code = Path(__file__).with_name("pyfunc_model.py")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a few small files are noise
     with using_store(logger._tracking_uri), mlflow.start_run(run_id=logger.run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
         info = mlflow.pyfunc.log_model(
@@ -237,7 +237,6 @@ def load_logged_bundle(uri: str, root: Path) -> Any:
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
         uri = f"{uri.rstrip('/')}/model"
     store, _ = resolve_store_from_env(root)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model file is noise
     try:
         with using_store(store):
             model = mlflow.pyfunc.load_model(uri)

@@ -1,0 +1,1 @@
+"""Optuna sweeps: every Optuna import of the project lives in this package."""

@@ -1,0 +1,178 @@
+"""Sweep files: one YAML per study in ``sweeps/``, validated like experiment files.
+
+A sweep names a base experiment and a search space over any of its fields by dotted path. Every path and every
+bound is checked against the experiment's schema before the first trial starts, so a typo costs seconds, not a
+night of failed trials.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from medseg_lightning.config import ConfigError, load_config
+from medseg_lightning.config_schema import ExperimentConfig, StrictModel
+
+
+class FloatParam(StrictModel):
+    """A float in ``[low, high]``, on a log scale or in steps of ``step``."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
+
+
+class IntParam(StrictModel):
+    """An integer in ``[low, high]``, on a log scale or in steps of ``step``."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_range(self.low, self.high, self.log, None if self.step == 1 else self.step)
+        return self
+
+
+class CategoricalParam(StrictModel):
+    """One of ``choices`` (encoders, decoders, losses, augmentation presets, ...)."""
+
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"low {low} is above high {high}")
+    if log and low <= 0:
+        raise ValueError(f"log scale needs low > 0, got {low}")
+    if log and step is not None:
+        raise ValueError("use either log or step, not both")
+
+
+class SamplerConfig(StrictModel):
+    """How trials choose their parameters."""
+
+    name: Literal["tpe", "random", "cmaes", "nsga2"] = Field("tpe", description="nsga2 suits several objectives")
+    seed: int | None = Field(None, description="fixes the sequence of one worker; give concurrent workers none")
+    n_startup_trials: int = Field(5, ge=0, description="tpe/cmaes: random trials before modelling")
+
+
+class PrunerConfig(StrictModel):
+    """When a running trial is stopped early (single objective only)."""
+
+    name: Literal["median", "hyperband", "threshold", "none"] = "median"
+    n_startup_trials: int = Field(3, ge=0, description="median: trials that are never pruned")
+    n_warmup_steps: int = Field(1, ge=0, description="median/threshold: epochs before pruning starts")
+    min_resource: int = Field(1, ge=1, description="hyperband: epochs of the smallest bracket")
+    reduction_factor: int = Field(3, ge=2, description="hyperband: survivors per rung = 1 / this")
+    lower: float | None = Field(None, description="threshold: prune when the metric is below")
+    upper: float | None = Field(None, description="threshold: prune when the metric is above")
+
+
+class Objective(StrictModel):
+    """A metric the training run logs (its value for the best checkpoint) and whether to raise or lower it."""
+
+    metric: str = "val/dice"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class TrialResources(StrictModel):
+    """What one trial gets: a device count (GPUs, or DDP processes on a CPU) and the strategy."""
+
+    devices: int = Field(1, ge=1)
+    accelerator: str | None = Field(None, description="null: the experiment's trainer.accelerator")
+    strategy: str | None = Field(None, description="null: ddp when devices > 1, else the experiment's")
+
+
+class SweepConfig(StrictModel):
+    """One Optuna study over one experiment."""
+
+    name: str | None = Field(None, description="study name; null: the sweep file's name")
+    experiment: Path = Field(description="the base experiment YAML (relative to this file)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="fixed for all trials, {trainer.max_epochs: 5}")
+    storage: str | None = Field(None, description="Optuna storage URL; null: SQLite file next to the sweep file")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+    n_trials: int | None = Field(20, ge=1, description="trials the study runs in all (every worker together)")
+    timeout: float | None = Field(None, gt=0, description="seconds this worker starts new trials for")
+    jobs: int = Field(1, ge=1, description="trials at once on this machine (--jobs overrides)")
+    resources: TrialResources = Field(default_factory=TrialResources)
+    space: dict[str, Param] = Field(description="dotted config path -> parameter, e.g. optimizer.lr")
+    heartbeat_interval: int = Field(60, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; null: 2x")
+    max_retries: int = Field(1, ge=0, description="reruns of a trial whose worker died")
+    max_failures: int = Field(5, ge=1, description="this worker stops after so many failed trials in a row")
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("set n_trials, timeout or both: otherwise the sweep never ends")
+        if len(self.objectives) > 1 and self.pruner.name != "none":
+            raise ValueError("pruning needs a single objective; set 'pruner: {name: none}' for several objectives")
+        if len(self.objectives) > 1 and self.sampler.name == "cmaes":
+            raise ValueError("cmaes optimises a single objective; use nsga2 or tpe for several")
+        if self.pruner.name == "threshold" and self.pruner.lower is None and self.pruner.upper is None:
+            raise ValueError("the threshold pruner needs 'lower' or 'upper'")
+        return self
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, ExperimentConfig]:
+    """Reads and validates a sweep file and checks every search-space path and bound against its experiment.
+
+    Raises:
+        ConfigError: naming the sweep file and the field, as for experiment files.
+    """
+    path = Path(path)
+    sweep: SweepConfig = load_config(path, overrides or [], schema=SweepConfig)
+    if sweep.name is None:
+        sweep = sweep.model_copy(update={"name": path.stem})
+    experiment = load_config(sweep.experiment, fixed_overrides(sweep))
+    problems = []
+    for name, param in sweep.space.items():
+        for value in _probe_values(param):
+            try:
+                load_config(sweep.experiment, [*fixed_overrides(sweep), override(name, value)])
+            except ConfigError as error:
+                problems.append(f"{path}: space.{name} = {value!r}: {_strip_origin(str(error))}")
+                break
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return sweep, experiment
+
+
+def fixed_overrides(sweep: SweepConfig) -> list[str]:
+    """The sweep's fixed ``overrides`` as ``--set`` arguments."""
+    return [override(name, value) for name, value in sweep.overrides.items()]
+
+
+def override(path: str, value: Any) -> str:
+    """``path=value`` with the value as one-line YAML, as ``medseg train --set`` parses it back."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return f"{path}={text.removesuffix('...').strip()}"
+
+
+def _probe_values(param: FloatParam | IntParam | CategoricalParam) -> list[Any]:
+    return list(param.choices) if isinstance(param, CategoricalParam) else [param.low, param.high]
+
+
+def _strip_origin(message: str) -> str:
+    """``--set: data.x: ...`` -> ``data.x: ...``: the origin is the sweep's space, named by the caller."""
+    return message.removeprefix("--set: ").replace("\n--set: ", "; ")

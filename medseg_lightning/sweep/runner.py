@@ -1,0 +1,220 @@
+"""Running a sweep: each trial is its own ``medseg train`` process, so a crash, an out-of-memory kill or a DDP
+launch in one trial cannot take the sweep down, and GPUs are handed to trials in disjoint sets."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import optuna
+
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.sweep.config import SweepConfig, fixed_overrides, override
+from medseg_lightning.sweep.study import REASON_ATTR, RUN_ATTR, SURPLUS_ATTR, is_surplus, max_epochs, suggest
+from medseg_lightning.sweep.trial import TRIAL_ENV, TrialLink
+
+
+class TrialFailed(Exception):
+    """A trial's training process failed; the message is the reason Optuna and MLflow record."""
+
+
+@dataclass
+class SweepContext:
+    """What every trial of this worker needs."""
+
+    sweep: SweepConfig
+    experiment: ExperimentConfig
+    url: str
+    study: optuna.Study
+    parent_run_id: str
+    log_dir: Path
+    pool: DevicePool
+    on_trial_end: Any = None  # callable(trial_number, state, run_id, reason): marks the trial's MLflow run
+
+
+class DevicePool:
+    """Device sets for concurrent trials: disjoint GPU ids on a GPU machine, CPU thread shares otherwise."""
+
+    def __init__(self, jobs: int, devices: int, accelerator: str) -> None:
+        gpus = _gpu_count() if accelerator in ("auto", "gpu", "cuda") else 0
+        self.gpu = gpus > 0
+        if self.gpu and jobs * devices > gpus:
+            raise ValueError(f"{jobs} concurrent trial(s) x {devices} device(s) need {jobs * devices} GPUs; "
+                             f"this machine has {gpus}: lower --jobs or resources.devices")
+        self.threads = max(1, (os.cpu_count() or 1) // (jobs * devices))
+        self._free: queue.Queue[list[int] | None] = queue.Queue()
+        for slot in range(jobs):
+            self._free.put(list(range(slot * devices, (slot + 1) * devices)) if self.gpu else None)
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[dict[str, str]]:
+        """Environment variables that give one trial its devices."""
+        devices = self._free.get()
+        try:
+            if devices is None:
+                yield {"OMP_NUM_THREADS": str(self.threads)}
+            else:
+                yield {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
+        finally:
+            self._free.put(devices)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def terminate_trials(timeout: float = 30) -> None:
+    """Stops every running trial process of this worker (Ctrl-C, or a kill the sweep survives)."""
+    with _LIVE_LOCK:
+        processes = list(_LIVE)
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)  # Lightning shuts down gracefully on SIGINT
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
+    """The objective: launch ``medseg train`` with the trial's parameters and read back its metrics."""
+    sweep, study = context.sweep, context.study
+    if is_surplus(study, trial.number, sweep.n_trials):
+        study._storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
+        study.stop()
+        raise optuna.TrialPruned("the study's n_trials were taken by other trials")
+    params = suggest(trial, sweep.space)
+    result_file = context.log_dir / f"trial_{trial.number:04d}.json"
+    log_file = result_file.with_suffix(".log")
+    result_file.unlink(missing_ok=True)
+    link = TrialLink(storage=context.url, study=sweep.name or "", trial_id=trial._trial_id, number=trial.number,
+                     monitor=sweep.objectives[0].metric, result_file=str(result_file),
+                     pruner=sweep.pruner.model_dump(), max_epochs=max_epochs(sweep))
+    command = [*_medseg(), "train", str(sweep.experiment), *_set(trial_overrides(context, trial.number, params))]
+    started = time.monotonic()
+    with context.pool.acquire() as devices:
+        code = _launch(command, {TRIAL_ENV: json.dumps(asdict(link)), **devices}, log_file)
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if result:
+        trial.set_user_attr(RUN_ATTR, result["run_id"])
+        trial.set_user_attr("epochs", result["epochs"])
+    minutes = (time.monotonic() - started) / 60
+    if code != 0 or result is None:
+        reason = _failure_reason(code, log_file)
+        _fail(context, trial, reason, result)
+    values = _objective_values(context, trial, result)
+    if result["pruned_at"] is not None:
+        _end(context, trial.number, "PRUNED", result["run_id"])
+        print(f"trial {trial.number}: pruned after epoch {result['pruned_at']} ({minutes:.1f} min)", flush=True)
+        raise optuna.TrialPruned(f"pruned after epoch {result['pruned_at']}")
+    _end(context, trial.number, "COMPLETE", result["run_id"])
+    shown = ", ".join(f"{o.metric}={v:.4f}" for o, v in zip(sweep.objectives, values, strict=True))
+    print(f"trial {trial.number}: {shown} ({minutes:.1f} min) {_params_text(params)}", flush=True)
+    return values
+
+
+def trial_overrides(context: SweepContext, number: int, params: dict[str, Any]) -> list[str]:
+    """Fixed overrides, the trial's parameters, its resources and the MLflow nesting, as ``--set`` items."""
+    resources = context.sweep.resources
+    items = [*fixed_overrides(context.sweep), *(override(name, value) for name, value in params.items())]
+    items.append(override("trainer.devices", resources.devices))
+    if resources.accelerator:
+        items.append(override("trainer.accelerator", resources.accelerator))
+    strategy = resources.strategy or ("ddp" if resources.devices > 1 else None)
+    if strategy:
+        items.append(override("trainer.strategy", strategy))
+    tags = {"mlflow.parentRunId": context.parent_run_id, "optuna.study": context.sweep.name,
+            "optuna.trial": str(number)}
+    items += [override("tracking.tags", tags), override("tracking.run_name", f"trial-{number:04d}")]
+    return items
+
+
+def _objective_values(context: SweepContext, trial: optuna.Trial, result: dict[str, Any]) -> list[float]:
+    metrics = result["metrics"]
+    missing = [o.metric for o in context.sweep.objectives if o.metric not in metrics]
+    if missing:
+        import difflib
+
+        hints = {name: difflib.get_close_matches(name, list(metrics), n=3) for name in missing}
+        _fail(context, trial, f"objective metric(s) not logged by the run: {hints} (closest logged names)", result)
+    return [float(metrics[o.metric]) for o in context.sweep.objectives]
+
+
+def _fail(context: SweepContext, trial: optuna.Trial, reason: str, result: dict[str, Any] | None) -> NoReturn:
+    trial.set_user_attr(REASON_ATTR, reason[:1000])
+    _end(context, trial.number, "FAIL", result["run_id"] if result else None, reason)
+    print(f"trial {trial.number}: FAILED: {reason}", flush=True)
+    raise TrialFailed(reason)
+
+
+def _end(context: SweepContext, number: int, state: str, run_id: str | None, reason: str | None = None) -> None:
+    if context.on_trial_end is not None:
+        context.on_trial_end(number, state, run_id, reason)
+
+
+def _medseg() -> list[str]:
+    """The ``medseg`` entry point of this environment (Lightning's DDP launcher re-runs the same command)."""
+    script = Path(sys.executable).with_name("medseg")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("medseg")
+    return [found] if found else [sys.executable, "-m", "medseg_lightning.cli"]
+
+
+def _set(items: list[str]) -> list[str]:
+    return [part for item in items for part in ("--set", item)]
+
+
+def _die_with_parent() -> None:
+    """Linux: the trial gets SIGTERM when the sweep process dies, even by SIGKILL, so no trial outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _launch(command: list[str], extra_env: dict[str, str], log_file: Path) -> int:
+    env = {**os.environ, **extra_env}
+    env.pop("MEDSEG_RUN_ID", None)  # a fresh run per trial
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        with _LIVE_LOCK:
+            _LIVE.add(process)
+        try:
+            return process.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(process)
+
+
+def _failure_reason(code: int, log_file: Path) -> str:
+    """The exit status and the last error line of the trial's log (full log beside it)."""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or line.startswith("error:")]
+    last = (errors or lines or ["no output"])[-1]
+    status = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"{status}: {last[:400]} (log: {log_file})"
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

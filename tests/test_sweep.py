@@ -1,0 +1,191 @@
+"""Optuna sweeps: sweep files, trials as `medseg train` processes, failures, pruning, MLflow nesting, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from medseg_lightning.cli import main
+from medseg_lightning.config import ConfigError, load_config
+from medseg_lightning.sweep.config import load_sweep
+
+from .conftest import REPO
+
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+TINY = {"model": {"encoder": "test_resnet"}, "trainer": {"accelerator": "cpu", "max_epochs": 2},
+        "tracking": {"log_overlays": 0}}
+
+
+@pytest.fixture
+def sweep_folder(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny experiment over the synthetic cohort; the working directory (and MLflow store) is ``tmp_path``."""
+    data = {"source": str(cohort), "labels": {0: "background", 1: "organ", 2: "lesion"},
+            "preprocessing": {"target_size": [32, 32]}, "split": {"n_folds": 3},
+            "loader": {"batch_size": 4, "num_workers": 0}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"name": "tiny", "data": data, **TINY}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _write_sweep(folder: Path, name: str = "study", **fields: object) -> Path:
+    sweep = {"experiment": "exp.yaml", "n_trials": 3, "sampler": {"name": "random", "seed": 1},
+             "pruner": {"name": "none"},
+             "space": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}} | fields
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _study(path: Path) -> optuna.Study:
+    return optuna.load_study(study_name=path.stem, storage=f"sqlite:///{path.with_name(path.stem + '.optuna.db')}")
+
+
+def _client(folder: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+
+
+def _runs(client: MlflowClient) -> list:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_file_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", "/data-root")
+    sweep, experiment = load_sweep(path)
+    assert sweep.name == path.stem and sweep.space and experiment.name
+
+
+def test_sweep_errors_name_the_file_and_field(sweep_folder: Path) -> None:
+    bad = _write_sweep(sweep_folder, "bad", space={
+        "optimizer.lrr": {"type": "float", "low": 1e-4, "high": 1e-2},
+        "model.arch": {"type": "categorical", "choices": ["unet", 3]}})
+    with pytest.raises(ConfigError) as error:
+        load_sweep(bad)
+    lines = sorted(str(error.value).splitlines())
+    assert len(lines) == 2 and "bad.yaml: space.model.arch = 3: model.arch: Input should be a valid string" in lines[0]
+    assert "bad.yaml: space.optimizer.lrr" in lines[1] and "did you mean 'optimizer.lr'" in lines[1]
+    several = _write_sweep(sweep_folder, "several", pruner={"name": "median"},
+                           objectives=[{"metric": "val/dice"}, {"metric": "val/hd95/mean", "direction": "minimize"}])
+    with pytest.raises(ConfigError, match="pruning needs a single objective"):
+        load_sweep(several)
+
+
+def test_sweep_runs_trials_as_nested_mlflow_runs_and_reports_the_best(
+    sweep_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_sweep(sweep_folder, space={
+        "optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "model.arch": {"type": "categorical", "choices": ["unet", "fcn"]}})
+    assert main(["sweep", str(path)]) == 0
+    study = _study(path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    client = _client(sweep_folder)
+    runs = _runs(client)
+    (parent,) = [run for run in runs if run.data.tags.get("medseg.kind") == "sweep"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(run.data.tags["optuna.trial"]) for run in children) == [0, 1, 2]
+    assert {run.data.tags["optuna.state"] for run in children} == {"COMPLETE"}
+    for trial in study.trials:  # each trial's run trained with the trial's parameters
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert float(run.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
+        assert run.data.params["model.arch"] == trial.params["model.arch"]
+        assert run.data.metrics["val/dice"] == pytest.approx(trial.value)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] == 3
+    assert parent.data.metrics["best/val/dice"] == pytest.approx(study.best_value)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_trials.json", "best_config.yaml", "optimization_history.png"} <= artifacts
+    best = Path(client.download_artifacts(parent.info.run_id, "best_config.yaml", str(sweep_folder)))
+    config = load_config(best)  # ready for medseg train: the best parameters, no sweep nesting tags
+    assert config.optimizer.lr == pytest.approx(study.best_params["optimizer.lr"])
+    assert not any(key.startswith(("mlflow.", "optuna.")) for key in config.tracking.tags)
+    capsys.readouterr()
+    assert main(["sweep", str(path)]) == 0  # the budget is spent: a rerun starts nothing
+    assert len(_study(path).trials) == 3
+    assert main(["sweep", "status", str(path)]) == 0
+    status = capsys.readouterr().out
+    assert "3/3 trials done" in status and "best: trial" in status and "COMPLETE" in status
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(sweep_folder: Path) -> None:
+    path = _write_sweep(sweep_folder, n_trials=2, max_failures=2, overrides={"optimizer.scheduler": "none"},
+                        space={"optimizer.lr": {"type": "float", "low": 1e9, "high": 1e10, "log": True}})
+    assert main(["sweep", str(path)]) == 0
+    trials = _study(path).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # both attempted, then max_failures stopped it
+    assert all("training loss is" in t.user_attrs["fail_reason"] for t in trials)
+    children = [run for run in _runs(_client(sweep_folder)) if "optuna.trial" in run.data.tags]
+    assert len(children) == 2
+    assert {(run.info.status, run.data.tags["optuna.state"]) for run in children} == {("FAILED", "FAIL")}
+
+
+def test_pruned_trials_stop_early_and_say_so(sweep_folder: Path) -> None:
+    path = _write_sweep(sweep_folder, n_trials=1, overrides={"trainer.max_epochs": 3},
+                        pruner={"name": "threshold", "lower": 1.01, "n_warmup_steps": 0})
+    assert main(["sweep", str(path)]) == 0
+    (trial,) = _study(path).trials
+    assert trial.state.name == "PRUNED" and trial.user_attrs["epochs"] == 1
+    run = _client(sweep_folder).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_on_two_cpu_processes(sweep_folder: Path) -> None:
+    path = _write_sweep(sweep_folder, n_trials=1, resources={"devices": 2, "accelerator": "cpu"},
+                        pruner={"name": "median", "n_startup_trials": 0, "n_warmup_steps": 0})
+    assert main(["sweep", str(path)]) == 0
+    (trial,) = _study(path).trials
+    assert trial.state.name == "COMPLETE"
+    run = _client(sweep_folder).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.params["trainer.strategy"] == "ddp" and run.data.params["trainer.devices"] == "2"
+    assert run.data.metrics["val/n_cases"] == 4  # every validation case once, gathered from both ranks
+    assert len(trial.intermediate_values) == 2  # rank 0 reported every epoch
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_repeating_trials(sweep_folder: Path) -> None:
+    path = _write_sweep(sweep_folder, n_trials=3, heartbeat_interval=1, grace_period=3,
+                        overrides={"trainer.max_epochs": 3})
+    command = [sys.executable, "-m", "medseg_lightning.cli", "sweep", str(path)]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for one finished trial and a second one running
+        time.sleep(1)
+        states = [t.state.name for t in _study(path).trials] if path.with_name("study.optuna.db").exists() else []
+        if states[:1] == ["COMPLETE"] and "RUNNING" in states[1:]:
+            break
+    else:
+        sweep.kill()
+        pytest.fail("the sweep did not reach its second trial")
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    time.sleep(4)  # past the grace period: the running trial's heartbeat has stopped
+    killed = next(t for t in _study(path).trials if t.state.name == "RUNNING")
+    assert main(["sweep", str(path)]) == 0
+    trials = _study(path).trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3 and trials[killed.number].state.name == "FAIL"
+    assert trials[0].state.name == "COMPLETE" and trials[0].user_attrs["mlflow_run_id"] in {
+        t.user_attrs["mlflow_run_id"] for t in complete}  # trial 0 was not run again
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params  # retried with the same parameters
+    runs = {int(run.data.tags["optuna.trial"]): run for run in _runs(_client(sweep_folder))
+            if "optuna.trial" in run.data.tags}
+    if killed.number in runs:  # the killed trial's training process had created its run
+        assert runs[killed.number].info.status == "FAILED"
+    assert not _alive_trainers(sweep.pid)
+
+
+def _alive_trainers(parent_pid: int) -> list[str]:
+    """``medseg train`` processes still running from the killed sweep (the trial must die with its sweep)."""
+    output = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    return [line for line in output.splitlines() if " train " in line and str(parent_pid) in line.split()[1:2]
+            and os.getpid() != int(line.split()[0])]
