@@ -19,6 +19,7 @@ from medseg_lightning.config import ConfigError, load_config
 from medseg_lightning.sweep.config import load_sweep
 
 from .conftest import REPO
+from .postgres import drop_database, fresh_database, postgres_url
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 TINY = {"model": {"encoder": "test_resnet"}, "trainer": {"accelerator": "cpu", "max_epochs": 2},
@@ -189,3 +190,35 @@ def _alive_trainers(parent_pid: int) -> list[str]:
     output = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     return [line for line in output.splitlines() if " train " in line and str(parent_pid) in line.split()[1:2]
             and os.getpid() != int(line.split()[0])]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not postgres_url(), reason="MEDSEG_TEST_POSTGRES is not set (.ci/run starts a server)")
+def test_two_workers_share_one_study_in_postgresql(sweep_folder: Path) -> None:
+    optuna_url, mlflow_url = fresh_database("optuna"), fresh_database("mlflow")
+    try:
+        MlflowClient(mlflow_url).search_experiments()  # the team's tracking database exists before the workers
+        path = _write_sweep(sweep_folder, n_trials=4, storage=optuna_url, sampler={"name": "random"})
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}
+        command = [sys.executable, "-m", "medseg_lightning.cli", "sweep", str(path)]
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2)  # the first worker creates the study's tables; the second joins while it trains
+        second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        outputs = [worker.communicate(timeout=600)[0] for worker in (first, second)]
+        assert [first.returncode, second.returncode] == [0, 0], outputs
+        assert all(any(line.startswith("trial ") for line in out.splitlines()) for out in outputs)  # both worked
+        study = optuna.load_study(study_name="study", storage=optuna_url)
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        assert len(complete) == 4 and len({t.number for t in complete}) == 4
+        client = MlflowClient(mlflow_url)
+        runs = _runs(client)
+        parents = [run for run in runs if run.data.tags.get("medseg.kind") == "sweep"]
+        assert len(parents) == 1
+        children = {run.info.run_id: run for run in runs
+                    if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+        assert {t.user_attrs["mlflow_run_id"] for t in complete} <= set(children)
+        assert sorted(int(children[t.user_attrs["mlflow_run_id"]].data.tags["optuna.trial"]) for t in complete) == \
+            sorted(t.number for t in complete)
+    finally:
+        drop_database(optuna_url)
+        drop_database(mlflow_url)

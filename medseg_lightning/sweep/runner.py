@@ -40,6 +40,7 @@ class SweepContext:
     url: str
     study: optuna.Study
     parent_run_id: str
+    root: Path  # the project folder: trials run there, so they use the sweep's MLflow store and checkpoints
     log_dir: Path
     pool: DevicePool
     on_trial_end: Any = None  # callable(trial_number, state, run_id, reason): marks the trial's MLflow run
@@ -114,7 +115,7 @@ def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
     command = [*_medseg(), "train", str(sweep.experiment), *_set(trial_overrides(context, trial.number, params))]
     started = time.monotonic()
     with context.pool.acquire() as devices:
-        code = _launch(command, {TRIAL_ENV: json.dumps(asdict(link)), **devices}, log_file)
+        code = _launch(command, {TRIAL_ENV: json.dumps(asdict(link)), **devices}, log_file, context.root)
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
     if result:
         trial.set_user_attr(RUN_ATTR, result["run_id"])
@@ -192,12 +193,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _launch(command: list[str], extra_env: dict[str, str], log_file: Path) -> int:
+def _launch(command: list[str], extra_env: dict[str, str], log_file: Path, cwd: Path) -> int:
     env = {**os.environ, **extra_env}
     env.pop("MEDSEG_RUN_ID", None)  # a fresh run per trial
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     with log_file.open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec,
+                                   cwd=cwd)
         with _LIVE_LOCK:
             _LIVE.add(process)
         try:

@@ -57,7 +57,7 @@ def run_sweep(path: Path, overrides: list[str] | None = None, jobs: int | None =
     log_dir.mkdir(parents=True, exist_ok=True)
     accelerator = sweep.resources.accelerator or experiment.trainer.accelerator
     context = SweepContext(sweep=sweep, experiment=experiment, url=url, study=study, parent_run_id=parent,
-                           log_dir=log_dir, pool=DevicePool(jobs, sweep.resources.devices, accelerator),
+                           root=root, log_dir=log_dir, pool=DevicePool(jobs, sweep.resources.devices, accelerator),
                            on_trial_end=lambda *args: _mark_run(client, parent, *args))
     if not budget_reached(study, sweep.n_trials):
         failures = _FailureGuard(sweep.max_failures)
@@ -102,9 +102,12 @@ def _parent_run(study: optuna.Study, sweep: SweepConfig, experiment: Any, root: 
 def _mark_run(client: Any, parent: str, number: int, state: str, run_id: str | None, reason: str | None) -> None:
     from medseg_lightning.tracking import sweep as sweep_tracking
 
-    run = client.get_run(run_id) if run_id else sweep_tracking.trial_runs(client, parent).get(number)
-    if run is not None:
-        sweep_tracking.mark_trial_run(client, run, state, reason)
+    try:
+        run = client.get_run(run_id) if run_id else sweep_tracking.trial_runs(client, parent).get(number)
+        if run is not None:
+            sweep_tracking.mark_trial_run(client, run, state, reason)
+    except Exception as error:  # MLflow unreachable for a moment: the study keeps the state, report it and go on
+        print(f"trial {number}: could not record {state} on its MLflow run {run_id}: {error}", flush=True)
 
 
 def _reconcile_runs(study: optuna.Study, client: Any, parent: str) -> None:

@@ -32,7 +32,12 @@ def experiment_id(client: MlflowClient, config: ExperimentConfig, root: Path) ->
     _, artifacts = resolve_store(config, root)
     with using_store(client.tracking_uri):
         experiment = client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else client.create_experiment(name, artifacts)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifacts)
+        except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
+            return client.get_experiment_by_name(name).experiment_id
 
 
 def open_parent_run(
