@@ -222,3 +222,45 @@ def test_two_workers_share_one_study_in_postgresql(sweep_folder: Path) -> None:
     finally:
         drop_database(optuna_url)
         drop_database(mlflow_url)
+
+
+def test_concurrent_trials_get_disjoint_gpu_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg_lightning.sweep import runner
+
+    monkeypatch.setattr(runner, "_gpu_count", lambda: 4)
+    pool = runner.DevicePool(jobs=2, devices=2, accelerator="auto")
+    with pool.acquire() as first, pool.acquire() as second:
+        assert {first["CUDA_VISIBLE_DEVICES"], second["CUDA_VISIBLE_DEVICES"]} == {"0,1", "2,3"}
+    with pytest.raises(ValueError, match="need 6 GPUs; this machine has 4"):
+        runner.DevicePool(jobs=3, devices=2, accelerator="gpu")
+    cpu = runner.DevicePool(jobs=2, devices=1, accelerator="cpu")
+    with cpu.acquire() as env:
+        assert "CUDA_VISIBLE_DEVICES" not in env and int(env["OMP_NUM_THREADS"]) >= 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_trials_and_a_rerun_continues(sweep_folder: Path) -> None:
+    path = _write_sweep(sweep_folder, n_trials=2, overrides={"trainer.max_epochs": 4})
+    command = [sys.executable, "-m", "medseg_lightning.cli", "sweep", str(path)]
+
+    def as_in_a_terminal() -> None:  # default SIGINT handling, own process group (the terminal's foreground job)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.setpgrp()
+
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=as_in_a_terminal)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+            (sweep_folder / "mlruns" / "sweeps" / "study" / "trial_0000.log").is_file()
+            and [t.state.name for t in _study(path).trials] == ["RUNNING"]):
+        time.sleep(0.5)
+    time.sleep(5)  # inside the trial's training
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C
+    assert sweep.wait(60) == 130
+    assert [t.state.name for t in _study(path).trials] == ["FAIL"]
+    runs = _runs(_client(sweep_folder))
+    assert {run.info.run_name: run.info.status for run in runs}["sweep-study"] == "KILLED"
+    assert main(["sweep", str(path)]) == 0
+    assert [t.state.name for t in _study(path).trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    trial_runs = [run for run in _runs(_client(sweep_folder)) if run.data.tags.get("optuna.trial") == "0"]
+    assert all(run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL" for run in trial_runs)

@@ -111,14 +111,15 @@ def _mark_run(client: Any, parent: str, number: int, state: str, run_id: str | N
 
 
 def _reconcile_runs(study: optuna.Study, client: Any, parent: str) -> None:
-    """Runs of trials that failed without their process reporting it (killed workers) are marked FAILED."""
+    """Runs of trials that failed without the sweep recording it (Ctrl-C, a killed worker) get the FAIL state,
+    and FAILED status if the dead process left them running."""
     from medseg_lightning.tracking import sweep as sweep_tracking
 
     runs = sweep_tracking.trial_runs(client, parent)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run = runs.get(trial.number)
-        if run is not None and run.info.status == "RUNNING":
-            reason = trial.user_attrs.get(REASON_ATTR) or "its worker stopped (no heartbeat); the trial was retried"
+        if run is not None and (run.info.status == "RUNNING" or "optuna.state" not in run.data.tags):
+            reason = trial.user_attrs.get(REASON_ATTR) or "stopped before it finished (interrupted, or its worker died)"
             sweep_tracking.mark_trial_run(client, run, "FAIL", reason)
 
 
