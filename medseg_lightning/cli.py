@@ -164,6 +164,31 @@ def _interval(summary: dict[str, float], key: str) -> str:
            f"{summary.get(key + '_ci_high', float('nan')):.4f}]"
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from medseg_lightning import tracking
+    from medseg_lightning.evaluate import load_model
+    from medseg_lightning.predict import Predictor, discover_inputs, predict_case
+
+    root = tracking.project_root(Path.cwd())
+    predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
+                          largest_component=args.largest_component or None, batch_size=args.batch_size,
+                          device=args.device)
+    cases = discover_inputs(args.inputs, predictor.modalities)
+    failed = 0
+    for case in tqdm(cases, desc="segmenting", unit="case", disable=len(cases) < 2):
+        try:
+            output = predict_case(predictor, case, args.out, overlay=args.overlay)
+        except DataError as error:
+            failed += 1
+            tqdm.write(f"error: {error}", file=sys.stderr)
+            continue
+        tqdm.write(f"{case.name}: {output.slices} slice(s) in {output.seconds:.2f} s -> {output.mask}")
+    print(f"{len(cases) - failed} of {len(cases)} case(s) segmented into {args.out}")
+    return 1 if failed else 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     action, path = (args.target[0], args.target[1:]) if args.target[0] in SWEEP_ACTIONS else ("run", args.target)
     if len(path) != 1:
@@ -225,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a field of the --data experiment (repeatable)")
     evaluate.set_defaults(handler=_evaluate)
+
+    predict = verbs.add_parser("predict", help="segment NIfTI files, DICOM series folders and 2D images")
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                         help="NIfTI files, folders of them, 2D images, DICOM series folders")
+    predict.add_argument("--model", action="append", required=True,
+                         help="models:/NAME@ALIAS, runs:/RUN_ID or a saved model folder; repeat for an ensemble")
+    predict.add_argument("--out", type=Path, required=True, help="output folder (masks: NAME.nii.gz or NAME.png)")
+    predict.add_argument("--tta", action="store_true", help="average over flips (default: the model's setting)")
+    predict.add_argument("--largest-component", action="store_true",
+                         help="keep the largest connected component of every class (default: the model's setting)")
+    predict.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
+    predict.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
+    predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    predict.set_defaults(handler=_predict)
 
     sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report: inspect it)",
                              description="medseg sweep SWEEP.yaml | medseg sweep status SWEEP.yaml | "

@@ -259,6 +259,15 @@ class ModelCardConfig(StrictModel):
     min_test_cases: int = Field(30, ge=1, description="fewer evaluation cases than this becomes a caveat")
 
 
+class InferenceConfig(StrictModel):
+    """How ``medseg predict`` post-processes this model's output; saved with the model, so it travels with it."""
+
+    tta: bool = Field(False, description="average the predictions of the slice and its flips")
+    largest_component: bool | list[str] = Field(
+        False, description="keep only the largest connected component: true for every class, or a list of class names"
+    )
+
+
 class ExperimentConfig(StrictModel):
     """One experiment: what ``medseg`` commands read from ``experiments/*.yaml``."""
 
@@ -273,3 +282,4 @@ class ExperimentConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)

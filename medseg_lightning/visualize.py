@@ -22,13 +22,13 @@ def label_colormap(num_classes: int) -> ListedColormap:
     return ListedColormap(colours)
 
 
-def save_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, labels: dict[int, str],
+def save_overlay(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, labels: dict[int, str],
                  path: Path, title: str = "") -> Path:
-    """Three panels (image, truth over image, prediction over image) with a class legend."""
+    """Panels image, truth over image (when known) and prediction over image, with a class legend."""
     cmap = label_colormap(len(labels))
-    figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    for axis, overlay, name in zip(axes, (None, truth, prediction), ("image", "ground truth", "prediction"),
-                                   strict=True):
+    panels = [(None, "image"), *([(truth, "ground truth")] if truth is not None else []), (prediction, "prediction")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
+    for axis, (overlay, name) in zip(axes, panels, strict=True):
         axis.imshow(image.T, cmap="gray", origin="lower")
         if overlay is not None:
             axis.imshow(overlay.T, cmap=cmap, vmin=0, vmax=len(labels) - 1, origin="lower", interpolation="nearest")

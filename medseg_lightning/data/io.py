@@ -73,9 +73,13 @@ def read_volume(path: Path) -> Volume:
 
 
 def _read_nifti(path: Path) -> Volume:
-    image = nib.load(str(path))
+    return nifti_volume(nib.load(str(path)), str(path))
+
+
+def nifti_volume(image: nib.Nifti1Image, label: str) -> Volume:
+    """A nibabel image (a NIfTI file, or a converted DICOM series) as a canonically oriented volume."""
     if len(image.shape) not in (3, 4):
-        raise DataError(f"{path}: expected a 3D or 4D NIfTI volume, got shape {image.shape}")
+        raise DataError(f"{label}: expected a 3D or 4D NIfTI volume, got shape {image.shape}")
     image = nib.as_closest_canonical(image)
     array = np.asanyarray(image.dataobj)
     zooms = image.header.get_zooms()[:3]

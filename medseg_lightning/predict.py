@@ -1,0 +1,267 @@
+"""``medseg predict``: segment new NIfTI volumes, DICOM series and 2D images with trained models.
+
+The input goes through exactly the preprocessing the model was trained with (``preprocess_case`` with the
+model's own config), the slices are predicted in batches, re-stacked into the case's canonical voxel grid with
+``restore_volume``, and written back in the input's own orientation, affine and header geometry. Outputs are
+written to a temporary name and renamed, so an error never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medseg_lightning.data.cache import preprocess_case
+from medseg_lightning.data.dataset import stack_context
+from medseg_lightning.data.io import (
+    IMAGE_2D_SUFFIXES,
+    NIFTI_SUFFIXES,
+    DataError,
+    Volume,
+    is_supported,
+    nifti_volume,
+    read_image,
+    strip_suffix,
+)
+from medseg_lightning.data.preprocess import restore_volume
+from medseg_lightning.model_io import ModelBundle
+
+_MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
+
+
+@dataclass
+class PredictInput:
+    """One case to segment: its output name and its files (one per modality) or DICOM folder."""
+
+    name: str
+    paths: list[Path]
+    kind: str  # "nifti", "image2d" or "dicom"
+
+
+def discover_inputs(items: list[Path], modalities: int) -> list[PredictInput]:
+    """Cases from files and folders; with several modalities, ``case_0000.nii.gz``, ``case_0001.nii.gz``, ...
+    (the nnU-Net naming) form one case, and a single 4D or multi-channel file is one case too.
+
+    Raises:
+        DataError: a missing path, an unsupported file, an empty folder or an incomplete modality set.
+    """
+    files: list[Path] = []
+    cases: list[PredictInput] = []
+    for item in items:
+        if item.is_dir():
+            from medseg_lightning.data.dicom import is_dicom_series
+
+            if is_dicom_series(item):
+                cases.append(PredictInput(item.name, [item], "dicom"))
+                continue
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_supported(p))
+            if not found:
+                raise DataError(f"{item}: no NIfTI files, 2D images or DICOM series in this folder")
+            files += found
+        elif item.is_file():
+            if not is_supported(item):
+                raise DataError(f"{item}: unsupported file; expected {', '.join(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES)}"
+                                " or a DICOM series folder")
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    return cases + _group_modalities(files, modalities)
+
+
+def _group_modalities(files: list[Path], modalities: int) -> list[PredictInput]:
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        stem = strip_suffix(path.name)
+        match = _MODALITY_SUFFIX.match(stem)
+        key = match.group("case") if match and modalities > 1 else stem
+        groups.setdefault(key, []).append(path)
+    cases = []
+    for name, paths in groups.items():
+        paths = sorted(paths)
+        if modalities > 1 and len(paths) not in (1, modalities):
+            raise DataError(f"{name}: {len(paths)} modality files ({', '.join(p.name for p in paths)}); "
+                            f"the model takes {modalities}")
+        kind = "nifti" if paths[0].name.lower().endswith(NIFTI_SUFFIXES) else "image2d"
+        cases.append(PredictInput(name, paths, kind))
+    return cases
+
+
+class Predictor:
+    """One model or an ensemble (probabilities averaged), with optional flip test-time augmentation."""
+
+    def __init__(self, bundles: list[ModelBundle], tta: bool | None = None, largest_component: bool | None = None,
+                 batch_size: int | None = None, device: str | None = None) -> None:
+        first = bundles[0].config
+        for bundle in bundles[1:]:
+            _check_compatible(first, bundle)
+        self.config = first
+        self.in_channels = bundles[0].in_channels
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.networks = [bundle.network.to(self.device).eval() for bundle in bundles]
+        self.tta = first.inference.tta if tta is None else tta
+        chosen = first.inference.largest_component if largest_component is None else largest_component
+        self.keep_largest = _classes_to_clean(chosen, first.data.labels)
+        self.batch_size = batch_size or first.trainer.inference_batch_size
+
+    @property
+    def modalities(self) -> int:
+        return len(self.config.data.image_columns)
+
+    def segment(self, volume: Volume, name: str) -> np.ndarray:
+        """Labels ``(X, Y, Z)`` (uint8) in the volume's canonical voxel grid."""
+        channels = volume.array.shape[0]
+        context = self.config.data.slicing.context
+        if channels * (2 * context + 1) != self.in_channels:
+            raise DataError(f"{name}: {channels} channel(s); the model takes {self.in_channels // (2 * context + 1)} "
+                            f"({', '.join(self.config.data.image_columns)})")
+        slices, _, _, meta = preprocess_case(volume, None, self.config.data)
+        stacked = stack_context(slices, np.arange(len(slices)), context)
+        labels = self.probabilities(torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32))).argmax(1)
+        prediction = restore_volume(labels.to(torch.uint8).numpy(), meta)
+        return keep_largest_components(prediction, self.keep_largest)
+
+    @torch.inference_mode()
+    def probabilities(self, slices: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(S, K, H, W)`` averaged over models (and flips), computed in batches."""
+        chunks = []
+        for start in range(0, len(slices), self.batch_size):
+            batch = slices[start : start + self.batch_size].to(self.device)
+            views = [(), (-1,), (-2,)] if self.tta else [()]
+            total = None
+            for network in self.networks:
+                for dims in views:
+                    flipped = batch.flip(dims) if dims else batch
+                    probability = torch.softmax(network(flipped).float(), dim=1)
+                    probability = probability.flip(dims) if dims else probability
+                    total = probability if total is None else total + probability
+            chunks.append((total / (len(self.networks) * len(views))).cpu())
+        return torch.cat(chunks)
+
+
+def _check_compatible(first: object, other: ModelBundle) -> None:
+    a, b = first.data, other.config.data  # type: ignore[attr-defined]
+    if (a.preprocessing, a.slicing, a.labels, a.image_columns) != (b.preprocessing, b.slicing, b.labels,
+                                                                 b.image_columns):
+        raise ValueError("ensemble models must share preprocessing, slicing, labels and input modalities; "
+                         f"{other.config.name} differs from {first.name}")  # type: ignore[attr-defined]
+
+
+def _classes_to_clean(setting: bool | list[str], labels: dict[int, str]) -> list[int]:
+    if setting is True:
+        return [label for label in labels if label > 0]
+    if not setting:
+        return []
+    by_name = {name: label for label, name in labels.items()}
+    unknown = [name for name in setting if name not in by_name]
+    if unknown:
+        raise ValueError(f"inference.largest_component: unknown class(es) {unknown}; classes are {list(by_name)}")
+    return [by_name[name] for name in setting]
+
+
+def keep_largest_components(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Removes every connected component (26-connected in 3D) of the given classes but the largest."""
+    if not classes:
+        return labels
+    labels = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for label in classes:
+        components, count = ndimage.label(labels == label, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            labels[(components > 0) & (components != int(sizes.argmax()) + 1)] = 0
+    return labels
+
+
+@dataclass
+class CaseOutput:
+    name: str
+    mask: Path
+    overlay: Path | None
+    seconds: float
+    slices: int
+
+
+def load_input(case: PredictInput) -> tuple[Volume, nib.Nifti1Image | None]:
+    """The case as a canonical volume, and the image whose geometry the mask must carry (None for 2D)."""
+    if case.kind == "dicom":
+        from medseg_lightning.data.dicom import read_dicom_series
+
+        reference = read_dicom_series(case.paths[0])
+        return nifti_volume(reference, str(case.paths[0])), reference
+    volume = read_image(case.paths)
+    reference = nib.load(str(case.paths[0])) if case.kind == "nifti" else None
+    return volume, reference
+
+
+def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overlay: bool = False) -> CaseOutput:
+    """Segments one case and writes its mask (and overlay) atomically."""
+    started = time.perf_counter()
+    volume, reference = load_input(case)
+    labels = predictor.segment(volume, case.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if reference is None:
+        mask_path = out_dir / f"{case.name}.png"
+        _atomic_png(labels[:, :, 0], mask_path)
+    else:
+        mask_path = out_dir / f"{case.name}.nii.gz"
+        _atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, mask_path)
+    overlay_path = _write_overlay(volume, labels, predictor, out_dir / f"{case.name}_overlay.png") if overlay else None
+    return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
+
+
+def to_reference_orientation(labels: np.ndarray, canonical_affine: np.ndarray,
+                             reference: nib.Nifti1Image) -> np.ndarray:
+    """Labels from the canonical (RAS) voxel order back to the input file's own voxel order."""
+    transform = nib.orientations.ornt_transform(nib.io_orientation(canonical_affine),
+                                                nib.io_orientation(reference.affine))
+    return nib.orientations.apply_orientation(labels, transform).astype(np.uint8)
+
+
+def _atomic_nifti(labels: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    header = reference.header.copy() if isinstance(reference, nib.Nifti1Image) else None
+    image = nib.Nifti1Image(labels, reference.affine, header=header)
+    image.set_data_dtype(np.uint8)
+    image.header.set_slope_inter(1, 0)
+    image.header.set_intent("label")  # viewers then show the values as a label map
+    _atomic(path, lambda temporary: nib.save(image, str(temporary)))
+
+
+def _atomic_png(labels: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    _atomic(path, lambda temporary: Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG"))
+
+
+def _atomic(path: Path, write: object) -> None:
+    """Writes through a temporary file in the same folder, then renames: readers never see half a file."""
+    suffix = "".join(path.suffixes)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        write(Path(name))  # type: ignore[operator]
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def _write_overlay(volume: Volume, labels: np.ndarray, predictor: Predictor, path: Path) -> Path:
+    """The slice with the most predicted foreground: image | prediction (no ground truth at inference)."""
+    from medseg_lightning.visualize import save_overlay
+
+    axis = predictor.config.data.slicing.axis
+    foreground = (labels > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+    index = int(foreground.argmax())
+    image = np.take(volume.array[0], index, axis=axis).astype(np.float32)
+    prediction = np.take(labels, index, axis=axis)
+    save_overlay(image, None, prediction, predictor.config.data.labels, path, title=path.stem)
+    return path

@@ -1,0 +1,124 @@
+"""`medseg predict`: training preprocessing, the input's geometry, 2D images, ensembles, errors, no partial files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from medseg_lightning.cli import main
+from medseg_lightning.config import load_config
+from medseg_lightning.data.datamodule import SegmentationDataModule
+from medseg_lightning.data.dataset import CaseDataset
+from medseg_lightning.data.preprocess import restore_volume
+from medseg_lightning.model_io import save_bundle
+from medseg_lightning.predict import keep_largest_components
+from medseg_lightning.scoring import predict_labels
+from medseg_lightning.tracking import load_logged_bundle
+from medseg_lightning.train import run
+
+TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0"]
+
+
+@pytest.fixture(scope="module")
+def model(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    """A trained tiny model saved as a folder, the experiment and its config."""
+    root = tmp_path_factory.mktemp("predict")
+    data = {"source": str(cohort), "labels": {0: "background", 1: "organ", 2: "lesion"},
+            "preprocessing": {"target_size": [32, 32]}, "split": {"n_folds": 3},
+            "loader": {"batch_size": 4, "num_workers": 0}}
+    experiment = root / "test.yaml"
+    experiment.write_text(yaml.safe_dump({"name": "test", "data": data}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
+        result = run(load_config(experiment, TINY), root=root)
+        bundle = load_logged_bundle(f"runs:/{result.run_id}", root)
+    folder = save_bundle(bundle.network, bundle.config, bundle.in_channels, root / "model")
+    return folder, experiment, bundle
+
+
+def test_prediction_equals_the_evaluation_pipeline_and_keeps_the_geometry(model, cohort: Path, tmp_path: Path) -> None:
+    folder, experiment, bundle = model
+    source = cohort / "imagesTr" / "synth_000.nii.gz"
+    assert main(["predict", "--model", str(folder), str(source), "--out", str(tmp_path / "out")]) == 0
+    written = nib.load(str(tmp_path / "out" / "synth_000.nii.gz"))
+    original = nib.load(str(source))
+    assert np.allclose(written.affine, original.affine) and written.shape == original.shape[:3]
+    assert written.get_data_dtype() == np.uint8
+    datamodule = SegmentationDataModule(load_config(experiment).data)
+    datamodule.setup()
+    item = next(item for item in CaseDataset(datamodule.dataset.cases) if item["case_id"] == "synth_000")
+    expected = restore_volume(predict_labels(bundle.network, item["image"], 64), item["meta"])
+    assert np.array_equal(np.asarray(nib.as_closest_canonical(written).dataobj), expected)
+
+
+def test_an_input_in_another_orientation_gets_its_own_geometry_back(model, cohort: Path, tmp_path: Path) -> None:
+    folder, _, _ = model
+    source = nib.load(str(cohort / "imagesTr" / "synth_001.nii.gz"))
+    flipped_affine = source.affine @ np.diag([-1, -1, 1, 1]) + np.array([[0, 0, 0, 31], [0, 0, 0, 31], [0] * 4,
+                                                                          [0] * 4]) * np.diag(source.affine)[:4, None]
+    flipped = nib.Nifti1Image(np.asarray(source.dataobj)[::-1, ::-1], flipped_affine)  # LPS storage, same world
+    nib.save(flipped, str(tmp_path / "lps.nii.gz"))
+    nib.save(source, str(tmp_path / "ras.nii.gz"))
+    assert main(["predict", "--model", str(folder), str(tmp_path / "lps.nii.gz"), str(tmp_path / "ras.nii.gz"),
+                 "--out", str(tmp_path / "out")]) == 0
+    lps, ras = (nib.load(str(tmp_path / "out" / f"{name}.nii.gz")) for name in ("lps", "ras"))
+    assert np.allclose(lps.affine, flipped_affine) and nib.aff2axcodes(lps.affine) == ("L", "P", "S")
+    assert np.array_equal(np.asarray(lps.dataobj)[::-1, ::-1], np.asarray(ras.dataobj))
+
+
+def test_2d_images_give_png_masks_and_options_work(model, tmp_path: Path) -> None:
+    folder, _, _ = model
+    Image.fromarray((np.random.default_rng(0).random((40, 36)) * 255).astype(np.uint8)).save(tmp_path / "xray.png")
+    assert main(["predict", "--model", str(folder), "--model", str(folder), "--tta", "--largest-component",
+                 "--overlay", str(tmp_path / "xray.png"), "--out", str(tmp_path / "out")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "xray.png"))
+    assert mask.shape == (40, 36) and mask.dtype == np.uint8 and mask.max() <= 2
+    assert (tmp_path / "out" / "xray_overlay.png").is_file()
+
+
+def test_bad_inputs_get_one_line_and_leave_no_file(model, cohort: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _, _ = model
+    two_channels = np.stack([np.ones((32, 32, 10), np.float32)] * 2, axis=-1)
+    nib.save(nib.Nifti1Image(two_channels, np.eye(4)), str(tmp_path / "dual.nii.gz"))
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(folder), str(tmp_path / "dual.nii.gz"), str(tmp_path / "broken.nii.gz"),
+                 str(cohort / "imagesTr" / "synth_002.nii.gz"), "--out", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 2
+    assert "dual: 2 channel(s); the model takes 1" in errors[0] and "broken.nii.gz: unreadable" in errors[1]
+    assert sorted(p.name for p in out.iterdir()) == ["synth_002.nii.gz"]  # nothing partial, the good one written
+    assert main(["predict", "--model", str(tmp_path / "nowhere"), str(tmp_path / "dual.nii.gz"),
+                 "--out", str(out)]) == 2
+    assert "nowhere: not runs:/" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_match_their_config_are_refused(model, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _, _ = model
+    spec = yaml.safe_load((folder / "model.yaml").read_text())
+    spec["config"]["model"]["arch"] = "fcn"
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "weights.safetensors").write_bytes((folder / "weights.safetensors").read_bytes())
+    (broken / "model.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["predict", "--model", str(broken), str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "weights do not match fcn/test_resnet" in error and len(error.splitlines()) == 1
+
+
+def test_keep_largest_components_per_class() -> None:
+    labels = np.zeros((10, 10, 3), np.uint8)
+    labels[1:4, 1:4, 1] = 1  # 9 voxels
+    labels[7, 7, 1] = 1  # a speck of the same class
+    labels[6:8, 1:3, 1] = 2  # another class, untouched when not listed
+    labels[9, 9, 2] = 2
+    cleaned = keep_largest_components(labels, [1])
+    assert cleaned[7, 7, 1] == 0 and cleaned[2, 2, 1] == 1 and (cleaned == 2).sum() == 5
+    assert (keep_largest_components(labels, [1, 2]) == 2).sum() == 4
