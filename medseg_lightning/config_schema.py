@@ -268,6 +268,17 @@ class InferenceConfig(StrictModel):
     )
 
 
+class PromotionConfig(StrictModel):
+    """Gates a run must pass before ``medseg promote`` registers its model (command-line gates override these)."""
+
+    split: Literal["test", "val"] = Field("test", description="the split whose metrics the gates read")
+    min_dice: float | None = Field(None, ge=0, le=1, description="minimum mean case Dice")
+    min_class_dice: dict[str, float] = Field(default_factory=dict, description="class name -> minimum Dice")
+    max_fairness_gap: dict[str, float] = Field(default_factory=dict, description="attribute -> maximum Dice gap")
+    min_cases: int | None = Field(None, ge=1, description="minimum number of evaluated cases")
+    require_all_groups_measured: bool = Field(False, description="refuse when a group was too small to measure")
+
+
 class ExperimentConfig(StrictModel):
     """One experiment: what ``medseg`` commands read from ``experiments/*.yaml``."""
 
@@ -283,3 +294,4 @@ class ExperimentConfig(StrictModel):
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)

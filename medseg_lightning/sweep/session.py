@@ -190,3 +190,24 @@ def sweep_status(path: Path, overrides: list[str] | None = None) -> str:
         run = trial.user_attrs.get(RUN_ATTR)
         lines.append(f"best: trial {trial.number}: {values}; params {trial.params}; MLflow run {run}")
     return "\n".join(lines)
+
+
+def best_run_id(path: Path, overrides: list[str] | None = None) -> str:
+    """The MLflow run of the study's best trial.
+
+    Raises:
+        ValueError: no completed trial yet, or several objectives (then name a run of the Pareto front).
+    """
+    sweep, _ = load_sweep(path, overrides)
+    study = _load_study(sweep, path)
+    best = best_trials(study)
+    if not best:
+        raise ValueError(f"study {sweep.name!r} has no completed trial yet")
+    if len(best) > 1:
+        front = ", ".join(f"trial {t.number}: run {t.user_attrs.get(RUN_ATTR)}" for t in best)
+        raise ValueError(f"study {sweep.name!r} has several objectives; promote one run of its Pareto front with "
+                         f"--run ({front})")
+    run_id = best[0].user_attrs.get(RUN_ATTR)
+    if not run_id:
+        raise ValueError(f"the best trial {best[0].number} of {sweep.name!r} has no MLflow run recorded")
+    return run_id
