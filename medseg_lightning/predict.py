@@ -125,9 +125,18 @@ class Predictor:
                             f"({', '.join(self.config.data.image_columns)})")
         slices, _, _, meta = preprocess_case(volume, None, self.config.data)
         stacked = stack_context(slices, np.arange(len(slices)), context)
-        labels = self.probabilities(torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32))).argmax(1)
-        prediction = restore_volume(labels.to(torch.uint8).numpy(), meta)
+        labels = self.labels(torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)))
+        prediction = restore_volume(labels.numpy(), meta)
         return keep_largest_components(prediction, self.keep_largest)
+
+    @torch.inference_mode()
+    def labels(self, slices: torch.Tensor) -> torch.Tensor:
+        """Labels ``(S, H, W)`` uint8; one model without TTA takes the argmax of its logits (no softmax needed)."""
+        if len(self.networks) == 1 and not self.tta:
+            network = self.networks[0]
+            return torch.cat([network(slices[start : start + self.batch_size].to(self.device)).argmax(1).to(
+                torch.uint8).cpu() for start in range(0, len(slices), self.batch_size)])
+        return self.probabilities(slices).argmax(1).to(torch.uint8)
 
     @torch.inference_mode()
     def probabilities(self, slices: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""Volumes per second: `medseg predict`'s segmenter against a naive per-slice loop and MONAI's sliding window.
+
+All three use the same network and the same volumes (already read into memory, so file I/O is excluded alike),
+and all three normalise the intensities the way the model was trained:
+
+- medseg: ``Predictor.segment`` (preprocessing, slices batched ``inference_batch_size`` at a time, re-stacking);
+- naive: the same preprocessing, then one slice per forward pass;
+- MONAI: ``sliding_window_inference`` over the case's slices at their native in-plane size with the training
+  size as the window (``sw_batch_size`` = the same batch size), as one would run a 2D network with MONAI.
+
+Run from the repository root (needs the MSD hippocampus data and MONAI, in the dev extra)::
+
+    MEDSEG_DATA_ROOT=../shared/data python benchmarks/inference_speed.py [--cases 40] [--model runs:/ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg_lightning.config import load_config
+from medseg_lightning.data.cache import preprocess_case
+from medseg_lightning.data.io import Volume, read_image
+from medseg_lightning.data.preprocess import normalize_intensity, restore_volume, to_slices
+from medseg_lightning.model_io import ModelBundle, build_network
+from medseg_lightning.predict import Predictor
+
+
+def naive(bundle: ModelBundle) -> Callable[[Volume], np.ndarray]:
+    config = bundle.config.data
+
+    @torch.inference_mode()
+    def segment(volume: Volume) -> np.ndarray:
+        slices, _, _, meta = preprocess_case(volume, None, config)
+        labels = [bundle.network(torch.from_numpy(np.ascontiguousarray(s[None], dtype=np.float32))).argmax(1)[0]
+                  for s in slices]
+        return restore_volume(torch.stack(labels).to(torch.uint8).numpy(), meta)
+
+    return segment
+
+
+def monai_window(bundle: ModelBundle, batch_size: int) -> Callable[[Volume], np.ndarray]:
+    from monai.inferers import sliding_window_inference
+
+    config = bundle.config.data
+    roi = tuple(config.preprocessing.target_size or (64, 64))
+
+    @torch.inference_mode()
+    def segment(volume: Volume) -> np.ndarray:
+        settings = config.preprocessing.intensity_for(volume.array.shape[0])
+        image = normalize_intensity(np.asarray(volume.array), settings)
+        slices = torch.from_numpy(np.ascontiguousarray(to_slices(image, config.slicing.axis, channels_first=True),
+                                                       dtype=np.float32))
+        logits = sliding_window_inference(slices, roi, batch_size, bundle.network, overlap=0.25)
+        labels = logits.argmax(1).to(torch.uint8).numpy()
+        return np.moveaxis(labels, 0, config.slicing.axis)
+
+    return segment
+
+
+def time_method(segment: Callable[[Volume], np.ndarray], volumes: list[Volume], repeats: int) -> float:
+    """Median over repeats of the seconds to segment every volume."""
+    segment(volumes[0])  # warm-up: allocator, kernels
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for volume in volumes:
+            segment(volume)
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", type=Path, default=Path("experiments/hippocampus_unet.yaml"))
+    parser.add_argument("--model", help="runs:/ID, models:/NAME@ALIAS or a folder; default: untrained weights")
+    parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = load_config(args.experiment)
+    if args.model:
+        from medseg_lightning.evaluate import load_model
+
+        bundle = load_model(args.model, Path.cwd())
+    else:
+        torch.manual_seed(0)
+        bundle = ModelBundle(build_network(config, 1).eval(), config, 1)  # speed does not depend on the weights
+    folder = Path(os.environ["MEDSEG_DATA_ROOT"]) / "hippocampus" / "imagesTr"
+    paths = sorted(folder.glob("*.nii.gz"))[: args.cases]
+    volumes = [read_image([path]) for path in paths]
+    predictor = Predictor([bundle], tta=False, largest_component=False, device="cpu")
+    methods = {"medseg predict": lambda volume: predictor.segment(volume, "case"), "naive per-slice": naive(bundle),
+               "MONAI sliding window": monai_window(bundle, predictor.batch_size)}
+    seconds = {name: time_method(method, volumes, args.repeats) for name, method in methods.items()}
+    slices = sum(volume.array.shape[1 + config.data.slicing.axis] for volume in volumes)
+    print(f"{bundle.config.model.arch}/{bundle.config.model.encoder}, {len(volumes)} hippocampus volumes "
+          f"({slices} slices), batch {predictor.batch_size}, {torch.get_num_threads()} threads, median of "
+          f"{args.repeats}")
+    for name, value in seconds.items():
+        print(f"{name:<22}{len(volumes) / value:8.1f} volumes/s")
+    ours = seconds["medseg predict"]
+    print(f"medseg vs naive:  {seconds['naive per-slice'] / ours:.2f}x  (target >= 2)")
+    print(f"medseg vs MONAI:  {seconds['MONAI sliding window'] / ours:.2f}x  (target >= 1)")
+
+
+if __name__ == "__main__":
+    main()
