@@ -205,7 +205,9 @@ def load_input(case: PredictInput) -> tuple[Volume, nib.Nifti1Image | None]:
         from medseg_lightning.data.dicom import read_dicom_series
 
         reference = read_dicom_series(case.paths[0])
-        return nifti_volume(reference, str(case.paths[0])), reference
+        volume = nifti_volume(reference, str(case.paths[0]))
+        volume.array = volume.array[None]  # one channel: (C, X, Y, Z) as read_image gives
+        return volume, reference
     volume = read_image(case.paths)
     reference = nib.load(str(case.paths[0])) if case.kind == "nifti" else None
     return volume, reference

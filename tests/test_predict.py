@@ -122,3 +122,17 @@ def test_keep_largest_components_per_class() -> None:
     cleaned = keep_largest_components(labels, [1])
     assert cleaned[7, 7, 1] == 0 and cleaned[2, 2, 1] == 1 and (cleaned == 2).sum() == 5
     assert (keep_largest_components(labels, [1, 2]) == 2).sum() == 4
+
+
+def test_a_dicom_series_gets_a_nifti_mask_with_its_geometry(model, cohort: Path, tmp_path: Path) -> None:
+    from medseg_lightning.data.dicom import read_dicom_series
+
+    from .test_dicom import _write_series
+
+    folder, _, _ = model
+    stored = np.asarray(nib.load(str(cohort / "imagesTr" / "synth_004.nii.gz")).dataobj).astype(np.int16)
+    series = _write_series(tmp_path / "series_a", orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), stored=stored)
+    assert main(["predict", "--model", str(folder), str(series), "--out", str(tmp_path / "out")]) == 0
+    mask = nib.load(str(tmp_path / "out" / "series_a.nii.gz"))
+    assert mask.shape == stored.shape and np.allclose(mask.affine, read_dicom_series(series).affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
