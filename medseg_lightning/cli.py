@@ -250,6 +250,19 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from medseg_lightning import tracking
+    from medseg_lightning.evaluate import load_model
+    from medseg_lightning.export import export_onnx
+
+    bundle = load_model(args.model, tracking.project_root(Path.cwd()))
+    size = tuple(args.image_size) if args.image_size else None
+    path = export_onnx(bundle, args.out, opset=args.opset, image_size=size)
+    print(f"wrote {path} ({bundle.config.model.arch}/{bundle.config.model.encoder}, input 'image' "
+          f"(batch, {bundle.in_channels}, H, W), output 'logits')")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     action, path = (args.target[0], args.target[1:]) if args.target[0] in SWEEP_ACTIONS else ("run", args.target)
     if len(path) != 1:
@@ -347,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models.add_parser("list", help="versions, aliases, test Dice and gate results of a model")
     listing.add_argument("name")
     listing.set_defaults(handler=_models_list)
+
+    export = verbs.add_parser("export", help="export a model to ONNX (weights, labels and preprocessing inside)")
+    export.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID or a saved model folder")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="input height and width (default: the model's target size, else 64 64)")
+    export.set_defaults(handler=_export)
 
     sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report: inspect it)",
                              description="medseg sweep SWEEP.yaml | medseg sweep status SWEEP.yaml | "

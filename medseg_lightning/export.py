@@ -1,16 +1,15 @@
 """ONNX export of a trained network, self-describing, so it can be served without Python, PyTorch or medseg.
 
-The exporter is PyTorch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``: ``torch.export`` then
+The exporter is PyTorch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``: ``torch.export``, then
 onnxscript), not the TorchScript one (``dynamo=False``): the TorchScript exporter has no symbolic for
-``aten::max_unpool2d`` and cannot export SegNet at all, while the dynamo exporter exports every registered
-architecture, maps ``max_unpool2d`` to ONNX ``MaxUnpool`` and checks the declared dynamic batch axis (the
-TorchScript tracer would silently bake traced sizes into the graph).
+``aten::max_unpool2d`` and cannot export SegNet, while the dynamo exporter maps it to ONNX ``MaxUnpool`` and exports
+every registered architecture. It also verifies the dynamic batch axis instead of silently tracing constants.
 
-The batch axis is dynamic; height and width are fixed. ``SegmentationModel`` pads inputs that are not multiples
-of the encoder's output stride and crops the logits back with Python branches on the input size, which any
-exporter resolves once, for the example size; and SegNet's unpooling sizes become constants. A graph with dynamic
-H/W would therefore give wrong logits (U-Net, FCN) or fail (SegNet) at other sizes, so the size is pinned and
-ONNX Runtime rejects any other with a clear error instead of returning wrong masks.
+The batch axis is dynamic; height and width are fixed. ``SegmentationModel`` decides in Python, from the input
+size, whether to pad to a multiple of the encoder's output stride, and SegNet's unpooling output sizes are Python
+ints; an exporter resolves both once, for the example size. With H/W declared dynamic, U-Net and FCN run at every
+multiple of the stride but return wrong logits, without an error, at other sizes (the padding is not in the graph),
+and SegNet fails at any size but the example. A pinned size makes ONNX Runtime reject other sizes outright.
 
 Needs the packages ``onnx`` and ``onnxscript`` (``onnxruntime`` only to run the file).
 """

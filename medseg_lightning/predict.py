@@ -257,6 +257,9 @@ def _atomic(path: Path, write: object) -> None:
     suffix = "".join(path.suffixes)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes owner-only files; masks are ordinary outputs
     try:
         write(Path(name))  # type: ignore[operator]
         os.replace(name, path)

@@ -136,3 +136,17 @@ def test_a_dicom_series_gets_a_nifti_mask_with_its_geometry(model, cohort: Path,
     mask = nib.load(str(tmp_path / "out" / "series_a.nii.gz"))
     assert mask.shape == stored.shape and np.allclose(mask.affine, read_dicom_series(series).affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_export_cli_writes_an_onnx_model_that_matches(model, tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import torch
+
+    folder, _, bundle = model
+    assert main(["export", "--model", str(folder), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    image = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    (logits,) = session.run(None, {"image": image})
+    with torch.no_grad():
+        expected = bundle.network.eval()(torch.from_numpy(image)).numpy()
+    assert np.abs(logits - expected).max() < 1e-4
