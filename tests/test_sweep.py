@@ -264,3 +264,11 @@ def test_ctrl_c_stops_the_trials_and_a_rerun_continues(sweep_folder: Path) -> No
     assert [t.state.name for t in _study(path).trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     trial_runs = [run for run in _runs(_client(sweep_folder)) if run.data.tags.get("optuna.trial") == "0"]
     assert all(run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL" for run in trial_runs)
+
+
+def test_a_resumed_seeded_study_does_not_repeat_its_parameters(sweep_folder: Path) -> None:
+    path = _write_sweep(sweep_folder, n_trials=1, overrides={"trainer.max_epochs": 1})
+    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path), "--set", "n_trials=2"]) == 0  # a new worker process, same seed
+    first, second = _study(path).trials
+    assert first.params != second.params

@@ -48,6 +48,11 @@ def open_study(sweep: SweepConfig, url: str) -> optuna.Study:
     study = optuna.create_study(study_name=sweep.name, storage=storage, load_if_exists=True,
                                 sampler=make_sampler(sweep.sampler, len(directions)),
                                 pruner=make_pruner(sweep.pruner, max_epochs(sweep)), directions=directions)
+    started = len(study.get_trials(deepcopy=False))
+    if started and sweep.sampler.seed is not None:
+        # a resumed worker with the same seed would propose the trials it proposed before: continue the sequence
+        seeded = sweep.sampler.model_copy(update={"seed": sweep.sampler.seed + started})
+        study.sampler = make_sampler(seeded, len(directions))
     existing = [direction.name.lower() for direction in study.directions]
     if existing != directions:
         raise ValueError(f"study {sweep.name!r} in {redact(url)} optimises {existing}, the sweep file {directions}; "
