@@ -65,16 +65,21 @@ def monai_window(bundle: ModelBundle, batch_size: int) -> Callable[[Volume], np.
     return segment
 
 
-def time_method(segment: Callable[[Volume], np.ndarray], volumes: list[Volume], repeats: int) -> float:
-    """Median over repeats of the seconds to segment every volume."""
-    segment(volumes[0])  # warm-up: allocator, kernels
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for volume in volumes:
+def time_methods(methods: dict[str, Callable[[Volume], np.ndarray]], volumes: list[Volume],
+                 repeats: int) -> dict[str, float]:
+    """Median over repeats of the seconds each method takes for every volume; the methods take turns within
+    each repeat, so drift in the machine's load hits all of them alike."""
+    for segment in methods.values():
+        for volume in volumes[:3]:  # warm-up: allocator, kernels
             segment(volume)
-        runs.append(time.perf_counter() - started)
-    return statistics.median(runs)
+    runs: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, segment in methods.items():
+            started = time.perf_counter()
+            for volume in volumes:
+                segment(volume)
+            runs[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def main() -> None:
@@ -98,7 +103,7 @@ def main() -> None:
     predictor = Predictor([bundle], tta=False, largest_component=False, device="cpu")
     methods = {"medseg predict": lambda volume: predictor.segment(volume, "case"), "naive per-slice": naive(bundle),
                "MONAI sliding window": monai_window(bundle, predictor.batch_size)}
-    seconds = {name: time_method(method, volumes, args.repeats) for name, method in methods.items()}
+    seconds = time_methods(methods, volumes, args.repeats)
     slices = sum(volume.array.shape[1 + config.data.slicing.axis] for volume in volumes)
     print(f"{bundle.config.model.arch}/{bundle.config.model.encoder}, {len(volumes)} hippocampus volumes "
           f"({slices} slices), batch {predictor.batch_size}, {torch.get_num_threads()} threads, median of "
