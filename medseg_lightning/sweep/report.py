@@ -49,7 +49,7 @@ def write_report(study: optuna.Study, sweep: SweepConfig, folder: Path,
     if best:
         files.append(folder / "best_trials.json")
         files[-1].write_text(json.dumps([_trial_summary(t, sweep) for t in best], indent=2) + "\n")
-        if len(best) == 1:
+        if len(sweep.objectives) == 1:
             metrics |= {f"best/{o.metric}": v for o, v in zip(sweep.objectives, best[0].values, strict=True)}
             tags = {"best.trial": str(best[0].number), "best.run_id": best[0].user_attrs.get(RUN_ATTR, ""),
                     "best.params": json.dumps(best[0].params)}

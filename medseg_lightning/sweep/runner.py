@@ -111,7 +111,8 @@ def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
     result_file.unlink(missing_ok=True)
     link = TrialLink(storage=context.url, study=sweep.name or "", trial_id=trial._trial_id, number=trial.number,
                      monitor=sweep.objectives[0].metric, result_file=str(result_file),
-                     pruner=sweep.pruner.model_dump(), max_epochs=max_epochs(sweep))
+                     pruner=sweep.pruner.model_dump(), max_epochs=max_epochs(sweep),
+                     report=len(sweep.objectives) == 1)
     command = [*_medseg(), "train", str(sweep.experiment), *_set(trial_overrides(context, trial.number, params))]
     started = time.monotonic()
     with context.pool.acquire() as devices:

@@ -36,6 +36,7 @@ class TrialLink:
     result_file: str
     pruner: dict[str, Any]  # the sweep's PrunerConfig: Optuna studies do not store their pruner
     max_epochs: int | str = "auto"
+    report: bool = True  # Optuna takes intermediate values (and prunes) for a single objective only
 
 
 def trial_link() -> TrialLink | None:
@@ -65,7 +66,7 @@ class PruningCallback(Callback):
         return self._trial
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if not self.link.report or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return  # not the validation of a training epoch (the final validation of the best model)
         prune = False
         value = trainer.callback_metrics.get(self.link.monitor)
