@@ -238,7 +238,8 @@ def load_logged_bundle(uri: str, root: Path) -> Any:
         uri = f"{uri.rstrip('/')}/model"
     store, _ = resolve_store_from_env(root)
     try:
-        with using_store(store):
+        with using_store(store), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
             model = mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as error:
         raise ValueError(f"cannot load {uri} from {store}: {error.message}") from None
