@@ -83,7 +83,7 @@ class SlicingConfig(StrictModel):
 class SplitConfig(StrictModel):
     """Subject-level train/val/test split: cases of one subject never land in two splits."""
 
-    method: Literal["kfold", "file"] = "kfold"
+    method: Literal["kfold", "file", "leave_group_out"] = "kfold"
     n_folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
     holdout: Literal["val", "test"] = Field("val", description="the role of the held-out fold")
@@ -92,9 +92,13 @@ class SplitConfig(StrictModel):
     stratify_by: str | None = Field(None, description="attribute column whose groups are spread evenly over folds")
     seed: int = 0
     file: Path | None = Field(None, description="method=file: CSV with columns subject_id (or case_id) and split")
+    group_attribute: str | None = Field(None, description="leave_group_out: the attribute, e.g. site")
+    held_out_group: str | None = Field(None, description="leave_group_out: its value whose subjects are the test set")
 
     @model_validator(mode="after")
     def _check_fold(self) -> SplitConfig:
+        if self.method == "leave_group_out" and (self.group_attribute is None or self.held_out_group is None):
+            raise ValueError("method 'leave_group_out' needs 'group_attribute' and 'held_out_group'")
         if self.method == "kfold" and self.fold >= self.n_folds:
             raise ValueError(f"fold {self.fold} must be below n_folds {self.n_folds}")
         if self.method == "file" and self.file is None:

@@ -81,3 +81,25 @@ def test_split_file_conflicts_and_gaps(tmp_path: Path) -> None:
         assign_splits(cases, SplitConfig(method="file", file=bad))
     assert "subject s0 is in two splits (train and test)" in str(error.value)
     assert "no split for subject(s) s2" in str(error.value)
+
+
+def test_leave_group_out_tests_on_a_group_never_seen_in_training_or_validation() -> None:
+    cases = _cases(30)
+    config = SplitConfig(method="leave_group_out", group_attribute="site", held_out_group="B", val_fraction=0.2)
+    splits = assign_splits(cases, config)
+    for case in cases:
+        held_out = case.attribute("site") == "B"
+        assert (splits[case.case_id] == "test") == held_out, case.case_id
+    subjects = _subject_splits(cases, splits)
+    assert all(len(s) == 1 for s in subjects.values())
+    counts = Counter(next(iter(s)) for s in subjects.values())
+    assert counts["val"] >= 1 and counts["train"] > counts["val"]
+    assert splits == assign_splits(cases, config)  # reproducible
+
+
+def test_leave_group_out_names_a_group_that_does_not_exist() -> None:
+    config = SplitConfig(method="leave_group_out", group_attribute="site", held_out_group="Z")
+    with pytest.raises(ManifestError, match="no subject has site = 'Z'; values: A, B, unknown"):
+        assign_splits(_cases(30), config)
+    with pytest.raises(ValueError, match="needs 'group_attribute' and 'held_out_group'"):
+        SplitConfig(method="leave_group_out", group_attribute="site")

@@ -20,8 +20,34 @@ def assign_splits(cases: list[Case], config: SplitConfig) -> dict[str, str]:
         ManifestError: a split file that misses subjects or puts one subject in two splits, or an unknown
             stratification column.
     """
-    subject_split = _splits_from_file(cases, config) if config.method == "file" else _kfold_splits(cases, config)
+    if config.method == "file":
+        subject_split = _splits_from_file(cases, config)
+    elif config.method == "leave_group_out":
+        subject_split = _leave_group_out(cases, config)
+    else:
+        subject_split = _kfold_splits(cases, config)
     return {case.case_id: subject_split[case.subject_id] for case in cases}
+
+
+def _leave_group_out(cases: list[Case], config: SplitConfig) -> dict[str, str]:
+    """Test = every subject of the held-out group; val = a stratified share of the others; train = the rest.
+
+    This measures generalisation to a group (a site, a scanner) the model never saw in training or selection.
+    """
+    attribute, group = config.group_attribute or "", config.held_out_group or ""
+    groups = subject_strata(cases, attribute)
+    held_out = sorted(subject for subject, value in groups.items() if value == group)
+    if not held_out:
+        present = ", ".join(sorted(set(groups.values())))
+        raise ManifestError(f"split.held_out_group: no subject has {attribute} = {group!r}; values: {present}")
+    rest = sorted(subject for subject in groups if subject not in set(held_out))
+    if not rest:
+        raise ManifestError(f"split: every subject has {attribute} = {group!r}; nothing is left to train on")
+    strata = subject_strata(cases, config.stratify_by)
+    validation = _take_fraction(rest, strata, config.val_fraction, np.random.default_rng(config.seed))
+    result = {subject: "val" if subject in validation else "train" for subject in rest}
+    result.update(dict.fromkeys(held_out, "test"))
+    return result
 
 
 def subject_strata(cases: list[Case], attribute: str | None) -> dict[str, str]:
