@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medseg_lightning.config_schema import DataConfig
-from medseg_lightning.data.io import DataError, read_image, read_mask
+from medseg_lightning.data.io import DataError, is_supported, read_image, read_mask
 from medseg_lightning.data.manifest import Case
 from medseg_lightning.data.preprocess import InPlaneGeometry, fit_in_plane, normalize_intensity, to_slices
 from medseg_lightning.data.validate import Problem, check_image, check_mask, map_labels
@@ -126,11 +126,14 @@ class PreprocessCache:
 
     def case_key(self, case: Case) -> str:
         """Digest of the settings and the content of the case's files."""
-        files = [*case.image_paths, *([case.mask_path] if case.mask_path else [])]
-        missing = [str(path) for path in files if not path.is_file()]
+        paths = [*case.image_paths, *([case.mask_path] if case.mask_path else [])]
+        missing = [str(path) for path in paths if not path.is_file() and not path.is_dir()]
         if missing:
             raise DataError(f"{missing[0]}: file not found")
-        parts = [self.settings, *(self.digests.digest(path) for path in files)]
+        parts = [self.settings]
+        for path in paths:  # a slice folder contributes its slices' names too: they give the slice order
+            parts += ([f"{f.name}:{self.digests.digest(f)}" for f in _content_files(path)] if path.is_dir()
+                      else [self.digests.digest(path)])
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def entry_dir(self, case: Case, key: str) -> Path:
@@ -233,6 +236,13 @@ def _write_entry(
         # another process finished the same entry first; theirs is identical
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _content_files(path: Path) -> list[Path]:
+    """The files whose content defines a case: the file itself, or every slice image of a slice folder."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and is_supported(p))
+    return [path]
 
 
 # np.load parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run in two threads at once

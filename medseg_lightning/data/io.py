@@ -57,6 +57,12 @@ def read_volume(path: Path) -> Volume:
     Raises:
         DataError: the file is missing, of an unknown type or cannot be decoded.
     """
+    if path.is_dir():
+        from medseg_lightning.data.slices import is_slice_folder, read_slice_stack
+
+        if is_slice_folder(path):
+            return _slice_volume(read_slice_stack(path))
+        raise DataError(f"{path}: a folder, but not a slice folder (<folder name>_<number>.tif files)")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     name = path.name.lower()
@@ -120,9 +126,22 @@ def read_image(paths: list[Path]) -> Volume:
     return Volume(array=stacked, affine=first.affine, spacing=first.spacing, spacing_known=first.spacing_known)
 
 
+def _slice_volume(array: np.ndarray) -> Volume:
+    """Stacked 2D slices: rows, cols, slice number as X, Y, Z; no physical spacing."""
+    return Volume(array=array, affine=np.eye(4), spacing=(1.0, 1.0, 1.0), spacing_known=False)
+
+
 def read_mask(path: Path) -> Volume:
-    """Reads a label map as ``(X, Y, Z)``; a colour PNG mask with equal channels is reduced to one."""
-    volume = read_volume(path)
+    """Reads a label map as ``(X, Y, Z)``; a colour PNG mask with equal channels is reduced to one.
+
+    A slice folder's mask is the stack of its ``<case>_<n>_mask`` files.
+    """
+    if path.is_dir():
+        from medseg_lightning.data.slices import read_slice_stack
+
+        volume = _slice_volume(read_slice_stack(path, masks=True))
+    else:
+        volume = read_volume(path)
     array = volume.array
     if array.ndim == 4:
         if array.shape[-1] == 1 or all(np.array_equal(array[..., 0], array[..., c]) for c in range(array.shape[-1])):

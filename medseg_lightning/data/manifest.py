@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg_lightning.data.io import DataError, is_supported, strip_suffix
+from medseg_lightning.data.io import IMAGE_2D_SUFFIXES, DataError, is_supported, strip_suffix
 from medseg_lightning.registry import Registry
 
 RESERVED_COLUMNS = ("case_id", "subject_id")
@@ -163,6 +163,22 @@ def _pair_layout(folder: Path) -> pd.DataFrame | None:
     if (folder / "images").is_dir() and masks is not None:
         return _pair_folders(folder, folder / "images", masks, ("_mask", "_seg", "_label"))
     return None
+
+
+@LAYOUTS.register("slices")
+def _slice_folders_layout(folder: Path) -> pd.DataFrame | None:
+    """One folder per case of numbered 2D slices, ``<case>/<case>_<n>.tif`` and ``<case>/<case>_<n>_mask.tif``
+    (the LGG "kaggle_3m" layout); the case's image and mask columns both name its folder."""
+    from medseg_lightning.data.slices import is_slice_folder
+
+    cases = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and is_slice_folder(p))
+    if not cases:
+        return None
+    rows = []
+    for case in cases:
+        has_masks = any(p.name.endswith(tuple(f"_mask{s}" for s in IMAGE_2D_SUFFIXES)) for p in case.iterdir())
+        rows.append({"case_id": case.name, "image": case.name, "mask": case.name if has_masks else ""})
+    return pd.DataFrame(rows)
 
 
 def write_manifest(table: pd.DataFrame, path: Path) -> None:

@@ -1,0 +1,103 @@
+"""Slice folders (the LGG kaggle_3m layout): one volume per patient, numeric slice order, clear data-check lines."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from medseg_lightning.cli import main
+from medseg_lightning.data.io import read_image, read_mask
+
+SLICES = {"TCGA_AA_0001_20000101": 11, "TCGA_BB_0002_20000202": 4, "TCGA_CC_0003_20000303": 5}
+
+
+def _write_cohort(root: Path) -> Path:
+    """Cases of 8x8 RGB slices whose first channel holds the slice number; masks 0/255."""
+    rng = np.random.default_rng(0)
+    for case, count in SLICES.items():
+        folder = root / case
+        folder.mkdir(parents=True)
+        for number in range(1, count + 1):
+            image = np.zeros((8, 8, 3), np.uint8)
+            image[..., 0] = number
+            image[..., 1:] = rng.integers(0, 255, (8, 8, 2))
+            mask = np.zeros((8, 8), np.uint8)
+            mask[2:5, 3:6] = 255 if number % 2 else 0
+            tifffile.imwrite(folder / f"{case}_{number}.tif", image)
+            tifffile.imwrite(folder / f"{case}_{number}_mask.tif", mask)
+    return root
+
+
+@pytest.fixture
+def slice_cohort(tmp_path: Path) -> Path:
+    return _write_cohort(tmp_path / "lgg")
+
+
+def _experiment(folder: Path, source: Path) -> Path:
+    path = folder / "slices.yaml"
+    path.write_text(f"name: slices\ndata:\n  source: {source}\n  labels: {{0: background, 1: abnormality}}\n"
+                    "  label_mapping: {255: 1}\n  image_columns: [image]\n  split: {n_folds: 3}\n")
+    return path
+
+
+def test_a_slice_folder_is_one_volume_in_numeric_slice_order(slice_cohort: Path) -> None:
+    folder = slice_cohort / "TCGA_AA_0001_20000101"
+    image = read_image([folder])
+    assert image.array.shape == (3, 8, 8, 11) and not image.spacing_known
+    assert image.array[0, 0, 0].tolist() == list(range(1, 12))  # _10 and _11 after _9, not after _1
+    mask = read_mask(folder)
+    assert mask.array.shape == (8, 8, 11) and set(np.unique(mask.array)) == {0, 255}
+
+
+def test_manifest_and_check_of_a_slice_folder_dataset(slice_cohort: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "manifest", str(slice_cohort)]) == 0
+    table = pd.read_csv(slice_cohort / "manifest.csv")
+    assert table["case_id"].tolist() == sorted(SLICES) and (table["image"] == table["mask"]).all()
+    assert main(["data", "check", str(_experiment(tmp_path, slice_cohort / "manifest.csv"))]) == 0
+    assert "3 valid case(s)" in capsys.readouterr().out
+
+
+def test_each_bad_slice_folder_gets_one_line_naming_the_file(slice_cohort: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, c = (slice_cohort / case for case in SLICES)
+    (a / f"{a.name}_3_mask.tif").unlink()  # a slice without its mask
+    (b / f"{b.name}_2.tif").unlink()  # a mask without its slice, which also leaves a gap
+    tifffile.imwrite(c / f"{c.name}_4.tif", np.zeros((9, 8, 3), np.uint8))  # a slice of another size
+    extra = slice_cohort / "TCGA_DD_0004_20000404"
+    shutil.copytree(c, extra)
+    for path in extra.iterdir():
+        path.rename(extra / path.name.replace(c.name, extra.name))
+    tifffile.imwrite(extra / f"{extra.name}_1_mask.tif", np.full((8, 8), 128, np.uint8))  # an unmapped value
+    tifffile.imwrite(extra / f"{extra.name}_4.tif", np.zeros((8, 8, 3), np.uint8))
+    gap = slice_cohort / "TCGA_EE_0005_20000505"
+    shutil.copytree(extra, gap)
+    for path in gap.iterdir():
+        path.rename(gap / path.name.replace(extra.name, gap.name))
+    for suffix in (".tif", "_mask.tif"):
+        (gap / f"{gap.name}_2{suffix}").unlink()  # a hole in the numbering
+    assert main(["data", "manifest", str(slice_cohort)]) == 0
+    assert main(["data", "check", str(_experiment(tmp_path, slice_cohort / "manifest.csv"))]) == 1
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 5, errors
+    text = "\n".join(errors)
+    assert f"{a.name}_3.tif: slice 3 has no mask" in text
+    assert f"{b.name}_2_mask.tif: mask of slice 2 has no image" in text
+    assert f"{c.name}_4.tif: shape (9, 8)" in text
+    assert "128" in text and extra.name in text
+    assert f"{gap.name}: slice number(s) [2] missing between 1 and 5" in text
+
+
+@pytest.mark.slow
+def test_the_lgg_dataset_passes_manifest_and_check(data_root: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "manifest.csv"
+    assert main(["data", "manifest", str(data_root / "lgg"), "--out", str(manifest)]) == 0
+    assert len(pd.read_csv(manifest)) == 88
+    assert main(["data", "check", str(_experiment(tmp_path, manifest))]) == 0
+    assert "88 valid case(s)" in capsys.readouterr().out
