@@ -6,6 +6,7 @@ The schema lives apart from the loader (``config.py``) so that reading the field
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +125,39 @@ class LoaderConfig(StrictModel):
     persistent_workers: bool = True
 
 
+class AttributeColumn(StrictModel):
+    """One attribute read from a column of the attribute table, with its codes translated."""
+
+    column: str = Field(description="the table's column, e.g. gender")
+    codes: dict[int | str, str] | None = Field(
+        None, description="code -> label, e.g. {1: F, 2: M}; a code not listed is a data-check error; null keeps values"
+    )
+
+
+class AttributesConfig(StrictModel):
+    """Patient attributes from a table joined on a key taken from the case id, and from the case id itself."""
+
+    table: Path | None = Field(None, description="CSV with one row per patient (relative to this file)")
+    key_column: str | None = Field(None, description="the table's key column, e.g. Patient")
+    case_key: str = Field("^(.*)$", description="regex on the case id whose first group is the key")
+    columns: dict[str, AttributeColumn] = Field(default_factory=dict, description="attribute name -> column")
+    from_case_id: dict[str, str] = Field(
+        default_factory=dict, description="attribute name -> regex on the case id whose first group is the value"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AttributesConfig:
+        if self.columns and (self.table is None or self.key_column is None):
+            raise ValueError("attribute columns need 'table' and 'key_column'")
+        for name, pattern in {"case_key": self.case_key, **self.from_case_id}.items():
+            try:
+                if re.compile(pattern).groups < 1:
+                    raise ValueError(f"{name}: regex {pattern!r} needs a group, e.g. ^TCGA_([A-Z0-9]{{2}})_")
+            except re.error as error:
+                raise ValueError(f"{name}: invalid regex {pattern!r}: {error}") from None
+        return self
+
+
 class DataConfig(StrictModel):
     """Where the cases are and how they become batches."""
 
@@ -138,6 +172,7 @@ class DataConfig(StrictModel):
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     cache_dir: Path | None = Field(None, description="preprocessing cache; null: $MEDSEG_CACHE_DIR or ./.medseg_cache")
+    attributes: AttributesConfig | None = Field(None, description="attributes from a table and from case ids")
 
     @model_validator(mode="after")
     def _check_labels(self) -> DataConfig:

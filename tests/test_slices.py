@@ -101,3 +101,21 @@ def test_the_lgg_dataset_passes_manifest_and_check(data_root: Path, tmp_path: Pa
     assert len(pd.read_csv(manifest)) == 88
     assert main(["data", "check", str(_experiment(tmp_path, manifest))]) == 0
     assert "88 valid case(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lgg_attributes_come_from_the_table_and_the_case_ids(data_root: Path, tmp_path: Path) -> None:
+    from collections import Counter
+
+    from medseg_lightning.config import load_config
+    from medseg_lightning.data.check import prepare_dataset
+
+    manifest = tmp_path / "manifest.csv"
+    assert main(["data", "manifest", str(data_root / "lgg"), "--out", str(manifest)]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(repo / "experiments" / "lgg_flair.yaml", [f"data.source={manifest}"])
+    dataset = prepare_dataset(config.data, tmp_path / "cache")
+    assert dataset.problems == []
+    counts = {name: Counter(item.case.attribute(name) for item in dataset.cases) for name in ("sex", "site")}
+    assert counts["sex"] == {"F": 45, "M": 42, "unknown": 1}  # the counts ../shared/data/README.md gives
+    assert counts["site"] == {"DU": 36, "HT": 27, "CS": 13, "FG": 11, "EZ": 1}

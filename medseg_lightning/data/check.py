@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.data.attributes import apply_attributes
 from medseg_lightning.data.cache import PreparedCase, PreprocessCache, default_cache_dir
 from medseg_lightning.data.fingerprint import dataset_fingerprint
 from medseg_lightning.data.manifest import Case, ManifestError, load_cases
@@ -53,6 +54,8 @@ def prepare_dataset(config: DataConfig, cache_dir: Path | None = None, workers: 
     except ManifestError as error:
         return PreparedDataset([], {}, {}, [Problem(str(error))])
     problems = _duplicate_ids(cases)
+    if config.attributes is not None:  # before the split: folds may be stratified by these attributes
+        problems += apply_attributes(cases, config.attributes)
     splits: dict[str, str] = {}
     try:
         splits = assign_splits(cases, config.split)
