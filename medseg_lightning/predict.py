@@ -63,6 +63,11 @@ def discover_inputs(items: list[Path], modalities: int) -> list[PredictInput]:
             if is_dicom_series(item):
                 cases.append(PredictInput(item.name, [item], "dicom"))
                 continue
+            from medseg_lightning.data.slices import is_slice_folder
+
+            if is_slice_folder(item):
+                cases.append(PredictInput(item.name, [item], "slices"))
+                continue
             found = sorted(p for p in item.iterdir() if p.is_file() and is_supported(p))
             if not found:
                 raise DataError(f"{item}: no NIfTI files, 2D images or DICOM series in this folder")
@@ -219,7 +224,9 @@ def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overla
     volume, reference = load_input(case)
     labels = predictor.segment(volume, case.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if reference is None:
+    if case.kind == "slices":
+        mask_path = _write_slice_masks(labels, case.paths[0], predictor.config.data.label_mapping, out_dir)
+    elif reference is None:
         mask_path = out_dir / f"{case.name}.png"
         _atomic_png(labels[:, :, 0], mask_path)
     else:
@@ -227,6 +234,22 @@ def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overla
         _atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, mask_path)
     overlay_path = _write_overlay(volume, labels, predictor, out_dir / f"{case.name}_overlay.png") if overlay else None
     return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
+
+
+def _write_slice_masks(labels: np.ndarray, folder: Path, mapping: dict[int, int], out_dir: Path) -> Path:
+    """One ``<slice stem>_pred.png`` per input slice, in the source's mask values (the label mapping inverted,
+    e.g. label 1 -> 255), so a script that knows nothing of medseg can compare it with the source masks."""
+    from medseg_lightning.data.slices import slice_files
+
+    images, _ = slice_files(folder)
+    inverse = np.arange(max(int(labels.max()) + 1, 1), dtype=np.int64)
+    for value, label in sorted(mapping.items()):
+        if label < len(inverse):
+            inverse[label] = value
+    for index, number in enumerate(sorted(images)):
+        path = out_dir / f"{strip_suffix(images[number].name)}_pred.png"
+        _atomic_png(inverse[labels[:, :, index]].astype(np.uint8), path)
+    return out_dir / f"{strip_suffix(images[min(images)].name)}_pred.png"
 
 
 def to_reference_orientation(labels: np.ndarray, canonical_affine: np.ndarray,

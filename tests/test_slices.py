@@ -119,3 +119,27 @@ def test_lgg_attributes_come_from_the_table_and_the_case_ids(data_root: Path, tm
     counts = {name: Counter(item.case.attribute(name) for item in dataset.cases) for name in ("sex", "site")}
     assert counts["sex"] == {"F": 45, "M": 42, "unknown": 1}  # the counts ../shared/data/README.md gives
     assert counts["site"] == {"DU": 36, "HT": 27, "CS": 13, "FG": 11, "EZ": 1}
+
+
+def test_predict_on_a_slice_folder_writes_one_mask_per_slice_in_source_values(slice_cohort: Path,
+                                                                                tmp_path: Path) -> None:
+    import torch
+    from PIL import Image
+
+    from medseg_lightning.config_schema import ExperimentConfig
+    from medseg_lightning.model_io import build_network, save_bundle
+
+    config = ExperimentConfig(name="slices", model={"encoder": "test_resnet"},
+                              data={"source": slice_cohort, "labels": {0: "background", 1: "abnormality"},
+                                    "label_mapping": {255: 1}, "preprocessing": {"target_size": [32, 32]}})
+    network = build_network(config, 3)
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias[:] = torch.tensor([0.0, 5.0])  # predicts foreground everywhere
+    folder = save_bundle(network, config, 3, tmp_path / "model")
+    case = slice_cohort / "TCGA_AA_0001_20000101"
+    assert main(["predict", "--model", str(folder), str(case), "--out", str(tmp_path / "out")]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(f"{case.name}_{n}_pred.png" for n in range(1, 12))
+    mask = np.asarray(Image.open(tmp_path / "out" / f"{case.name}_10_pred.png"))
+    assert mask.shape == (8, 8) and set(np.unique(mask)) == {255}
