@@ -17,11 +17,8 @@ from medseg_lightning.data.io import DataError
 if TYPE_CHECKING:
     from medseg_lightning.config_schema import ExperimentConfig
     from medseg_lightning.data.check import PreparedDataset
-    from medseg_lightning.scoring import EvaluationReport
-    from medseg_lightning.train import RunResult
 
 Handler = Callable[[argparse.Namespace], int]
-STATISTICS = ("_median", "_std", "_ci_low", "_ci_high")
 SWEEP_ACTIONS = ("status", "report")
 
 
@@ -98,6 +95,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from medseg_lightning import tracking
+    from medseg_lightning.summaries import format_summary
     from medseg_lightning.train import run
 
     config = load_config(args.experiment, args.overrides)
@@ -107,61 +105,50 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_summary(result: RunResult) -> str:
-    """The one-screen summary printed after training."""
-    minutes, seconds = divmod(int(result.seconds), 60)
-    lines = [f"finished in {minutes}m{seconds:02d}s; best epoch {result.best_epoch}"]
-    metrics = result.metrics
-    for split in ("val", "test"):
-        if f"{split}/dice" not in metrics:
-            continue
-        classes = sorted(k for k in metrics if k.startswith(f"{split}/dice/") and not k.endswith(STATISTICS)
-                         and k != f"{split}/dice/mean")
-        distance = next((k for k in (f"{split}/hd95/mean", f"{split}/hd95_px/mean") if k in metrics), None)
-        parts = [f"dice={_interval(metrics, f'{split}/dice/mean')}",
-                 *(f"{k.removeprefix(split + '/dice/')}={metrics[k]:.4f}" for k in classes)]
-        if distance:
-            parts.append(f"{distance.removeprefix(split + '/').removesuffix('/mean')}={metrics[distance]:.3g}")
-        lines.append(f"  {split}: " + "  ".join(parts))
-        for key in sorted(k for k in metrics if k.startswith(f"{split}/fairness/") and k.endswith("/dice_gap")):
-            attribute = key.split("/")[2]
-            lines.append(f"    fairness {attribute}: dice gap {_interval(metrics, key)}")
-    lines.append(f"MLflow run {result.run_id} in experiment '{result.experiment_name}' ({result.tracking_uri})")
-    if result.model_uri:
-        lines.append(f"model: {result.model_uri}")
-    lines.append("look at it: medseg ui   (then open http://127.0.0.1:5000)")
-    return "\n".join(lines)
+def _crossval(args: argparse.Namespace) -> int:
+    from medseg_lightning.crossval import run_crossval
+    from medseg_lightning.summaries import format_crossval
+
+    config = load_config(args.experiment, args.overrides)
+    return _study(lambda: format_crossval(run_crossval(config)))
+
+
+def _crosssite(args: argparse.Namespace) -> int:
+    from medseg_lightning.crosssite import run_crosssite
+    from medseg_lightning.summaries import format_crosssite
+
+    config = load_config(args.experiment, args.overrides)
+    return _study(lambda: format_crosssite(run_crosssite(config, args.attribute)))
+
+
+def _study(run: Callable[[], str]) -> int:
+    """Runs a study of several training runs: a failed run exits 1, Ctrl-C 130; a rerun continues either way."""
+    from medseg_lightning.launch import terminate_children
+    from medseg_lightning.studies import StudyError
+
+    try:
+        print(run())
+    except StudyError as error:
+        print(f"error: {error}\nfinished runs are kept: fix the problem and rerun the same command to continue",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        terminate_children()
+        print("interrupted: rerun the same command to continue (finished runs are reused, an interrupted one "
+              "resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from medseg_lightning.evaluate import run_evaluation
+    from medseg_lightning.summaries import format_evaluation
 
     config = load_config(args.data, args.overrides)
     result = run_evaluation(args.model, config, split=args.split)
     print(format_evaluation(result.report))
     print(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
     return 0
-
-
-def format_evaluation(report: EvaluationReport) -> str:
-    """Mean Dice with its interval, then each audited attribute's groups, worst group and gap."""
-    summary = report.summary
-    lines = [f"{report.split}: {int(summary.get('n_cases', 0))} cases, Dice {_interval(summary, 'dice/mean')}"]
-    for item in report.audits:
-        if not item.available:
-            lines.append(f"  {item.attribute}: not audited ({item.note})")
-            continue
-        groups = ", ".join(f"{g.group} {g.dice.mean:.3f} (n={g.n})" if g.measured and g.dice else f"{g.group} too small"
-                           for g in item.groups)
-        gap = (f"; gap {item.dice_gap.mean:.3f} [{item.dice_gap.ci_low:.3f}, {item.dice_gap.ci_high:.3f}], "
-               f"worst {item.worst_group}" if item.dice_gap else f"; {item.note}")
-        lines.append(f"  {item.attribute}: {groups}{gap}")
-    return "\n".join(lines)
-
-
-def _interval(summary: dict[str, float], key: str) -> str:
-    return f"{summary.get(key, float('nan')):.4f} [{summary.get(key + '_ci_low', float('nan')):.4f}, " \
-           f"{summary.get(key + '_ci_high', float('nan')):.4f}]"
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -316,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     train.set_defaults(handler=_train)
 
+    crossval = verbs.add_parser("crossval", help="train every fold; pool the test predictions into one audit and card")
+    _add_experiment(crossval)
+    crossval.set_defaults(handler=_crossval)
+
+    crosssite = verbs.add_parser("crosssite", help="hold out each site in turn: Dice seen vs unseen in training")
+    _add_experiment(crosssite)
+    crosssite.add_argument("--attribute", default="site", help="the attribute whose groups are held out (site)")
+    crosssite.set_defaults(handler=_crosssite)
+
     evaluate = verbs.add_parser("evaluate", help="evaluate a model on a dataset split: metrics, fairness, model card")
     evaluate.add_argument("--model", required=True,
                           help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a saved model folder")
@@ -417,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
     sources.append(_Source("--set", _parse_overrides(list(overrides)), Path.cwd()))
     problems: list[str] = []
     for source in sources:
-        source.data = _expand_env(source.data, source.label, problems)
-        _resolve_paths(source.data, schema, source.root)
+        raw = source.data
+        source.data = _expand_env(raw, source.label, problems)
+        _resolve_paths(source.data, schema, source.root, raw)
         problems += _unknown_keys(source.data, schema, source.label)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -144,16 +145,20 @@ def _is_path(annotation: Any) -> bool:
     return annotation is Path or any(_is_path(arg) for arg in typing.get_args(annotation))
 
 
-def _resolve_paths(data: dict[str, Any], schema: type[BaseModel], root: Path) -> None:
+def _resolve_paths(data: dict[str, Any], schema: type[BaseModel], root: Path, raw: dict[str, Any]) -> None:
+    """Relative paths start at the file's folder; a path that starts with an environment variable holding a
+    relative path (``MEDSEG_DATA_ROOT=../data``) starts at the working directory, as it would in a shell."""
     for key, value in data.items():
         field = schema.model_fields.get(key)
         if field is None:
             continue
         section = _model_in(field.annotation)
+        raw_value = raw.get(key) if isinstance(raw, dict) else None
         if section is not None and isinstance(value, dict):
-            _resolve_paths(value, section, root)
+            _resolve_paths(value, section, root, raw_value if isinstance(raw_value, dict) else {})
         elif _is_path(field.annotation) and isinstance(value, str) and value and not Path(value).is_absolute():
-            data[key] = str(root / value)
+            from_env = isinstance(raw_value, str) and _ENV_PATTERN.match(raw_value) is not None
+            data[key] = str((Path.cwd() if from_env else root) / value)
 
 
 def _unknown_keys(data: dict[str, Any], schema: type[BaseModel], label: str, prefix: str = "") -> list[str]:

@@ -110,7 +110,7 @@ class SplitConfig(StrictModel):
 class AugmentationConfig(StrictModel):
     """Training augmentation: a named preset plus transforms listed by albumentations class name."""
 
-    preset: str = Field("light", description="none, light or strong")
+    preset: str = Field("light", description="none, light, strong or intensity")
     transforms: list[dict[str, Any]] = Field(
         default_factory=list, description="extra transforms, e.g. [{name: GaussNoise, p: 0.2}]"
     )
@@ -245,6 +245,7 @@ class TrainerConfig(StrictModel):
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without improvement; null: off")
     inference_batch_size: int = Field(64, ge=1, description="slices per forward pass at validation and test")
+    channels_last: bool = Field(False, description="channels-last memory format for the network and its inputs")
 
 
 class TrackingConfig(StrictModel):

@@ -55,6 +55,8 @@ class RunContext:
     fingerprint: dict[str, Any]
     source_model: str | None = None
     source_run_id: str | None = None
+    analyses: dict[str, Any] = field(default_factory=dict)  # study results for the card: cross_validation, cross_site
+    caveats: list[str] = field(default_factory=list)  # caveats that follow from those results
 
 
 def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, folder: Path) -> RunOutputs:
@@ -76,7 +78,8 @@ def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, fol
         package_version=__version__, evaluation_split=card_split, summary=report.summary, fairness=report.fairness,
         split_counts=context.split_counts, group_counts=context.group_counts,
         dataset_fingerprint=context.fingerprint, dvc_hash=dvc_state(context.config.data.source).get("data.dvc_md5"),
-        source_model=context.source_model, source_run_id=context.source_run_id,
+        source_model=context.source_model, source_run_id=context.source_run_id, analyses=context.analyses,
+        study_caveats=context.caveats,
     )
     outputs.card = build_card(inputs)
     outputs.description = render_summary(outputs.card)

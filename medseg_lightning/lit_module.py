@@ -31,6 +31,8 @@ class SegmentationModule(pl.LightningModule):
         loss: ``(logits, target) -> scalar``.
         labels: class index -> name, used in metric names (``val/dice/anterior``).
         fairness: attributes audited at every validation and test pass (``val/fairness/sex/dice_gap``).
+        channels_last: keep the network and its inputs in channels-last memory format, which oneDNN (CPU) and
+            cuDNN (GPU, mixed precision) convolutions run faster on.
     """
 
     def __init__(
@@ -44,9 +46,11 @@ class SegmentationModule(pl.LightningModule):
         inference_batch_size: int = 64,
         overlay_cases: int = 0,
         fairness: FairnessConfig | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.network = network
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.network = network.to(memory_format=self.memory_format)
         self.loss = loss
         self.labels = dict(labels)
         self.optimizer_config = optimizer
@@ -61,7 +65,7 @@ class SegmentationModule(pl.LightningModule):
         self.overlays: list[dict[str, Any]] = []
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.network(image)
+        return self.network(image.contiguous(memory_format=self.memory_format))
 
     # --- training -------------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

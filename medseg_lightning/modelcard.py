@@ -11,7 +11,7 @@ small groups of patients can be re-identified.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,8 @@ NOT_STATED = "Not stated: fill in `model_card.intended_use` in the experiment fi
 _STATS = ("_median", "_std", "_ci_low", "_ci_high")
 _FAMILY_ORDER = ("dice", "iou", "hd95", "assd", "vol_pred", "vol_true", "vol_err")
 _PRETRAINED = {"none": "none (random initialisation)", "timm": "timm / Hugging Face ImageNet weights of the encoder"}
+_KINDS = {"training": "training run", "evaluation": "evaluation", "cross-validation": "cross-validation (pooled folds)",
+          "cross-site": "cross-site generalisation study"}
 Block = tuple[Any, ...]  # ("p", text) | ("h3", text) | ("ul", items) | ("table", header, rows); text may hold `code`
 
 
@@ -45,7 +47,7 @@ class CardInputs:
     """
 
     config: ExperimentConfig
-    kind: Literal["training", "evaluation"]
+    kind: Literal["training", "evaluation", "cross-validation", "cross-site"]
     run_id: str
     created: str
     git_commit: str | None
@@ -60,6 +62,8 @@ class CardInputs:
     dvc_hash: str | None = None
     source_model: str | None = None
     source_run_id: str | None = None
+    analyses: dict[str, Any] = field(default_factory=dict)  # ``cross_validation`` and ``cross_site`` results
+    study_caveats: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ def generated_caveats(inputs: CardInputs) -> list[str]:
     if _pixel_units(inputs):
         caveats.append("Voxel spacing is unknown (e.g. 2D PNG/TIFF images): HD95 and ASSD are in pixels and volumes "
                        "are voxel counts, so they cannot be compared with results in physical units.")
+    caveats += inputs.study_caveats
     if not inputs.config.model_card.intended_use.strip():
         caveats.append("The intended use is not stated: fill in `model_card.intended_use` before sharing this model.")
     return caveats
@@ -130,7 +135,7 @@ def _model_details(inputs: CardInputs) -> dict[str, Any]:
     pretrained = config.model.pretrained
     return {
         "name": card.model_name or config.name, "version": card.version or inputs.run_id,
-        "kind": "training run" if inputs.kind == "training" else "evaluation", "date": inputs.created,
+        "kind": _KINDS[inputs.kind], "date": inputs.created,
         "description": config.description or None, "architecture": config.model.arch,
         "encoder": config.model.encoder, "pretrained": pretrained,
         "pretrained_source": _PRETRAINED.get(pretrained, f"weights loaded from {pretrained}"),
@@ -232,7 +237,7 @@ def _quantitative(inputs: CardInputs) -> dict[str, Any]:
                              "gap_exceeds_threshold": _is_number(gap) and gap > settings.gap_threshold})
     return {"split": inputs.evaluation_split, "n_cases": _n_cases(inputs), "confidence": settings.confidence,
             "min_group_size": settings.min_group_size, "distance_unit": distance, "overall": overall,
-            "by_attribute": by_attribute}
+            "by_attribute": by_attribute, **inputs.analyses}
 
 
 def _ethics(inputs: CardInputs) -> dict[str, Any]:

@@ -129,7 +129,24 @@ def _layout_training(card: dict[str, Any]) -> list[Block]:
         rows = [[name, fmt((stats or {}).get("voxel_fraction"), 4), fmt_count((stats or {}).get("cases"))]
                 for name, stats in s["labels"].items()]
         blocks.append(("table", ["Class", "Share of voxels", "Cases containing it"], rows))
-    return blocks + _count_table(s["group_counts"], s["min_group_size"], "Training cases per group")
+    blocks += _count_table(s["group_counts"], s["min_group_size"], "Training cases per group")
+    folds = (card["quantitative_analyses"].get("cross_validation") or {}).get("train_group_counts")
+    return blocks + (_fold_count_table(folds, s["min_group_size"]) if folds else [])
+
+
+def _fold_count_table(folds: dict[str, dict[str, dict[str, int | None]]], minimum: int) -> list[Block]:
+    """Training cases per group in every fold of a cross-validation (each case trains in all folds but its own)."""
+    names = list(folds)
+    keys = list(dict.fromkeys((attribute, group) for counts in folds.values() for attribute, groups in counts.items()
+                              for group in groups))
+    rows = [[attribute, group, *(_count(folds[fold].get(attribute, {}).get(group, 0), minimum) for fold in names)]
+            for attribute, group in keys]
+    return [("h3", "Training cases per group, by fold"),
+            ("table", ["Attribute", "Group", *(f"Fold {fold}" for fold in names)], rows)]
+
+
+def _count(n: int | None, minimum: int) -> str:
+    return fmt_count(n) if n is not None else f"< {minimum}"
 
 
 def _layout_quantitative(card: dict[str, Any]) -> list[Block]:
@@ -147,6 +164,36 @@ def _layout_quantitative(card: dict[str, Any]) -> list[Block]:
             blocks.append(("p", f"Not available: {audit.get('note') or 'no reason given'}."))
             continue
         blocks += _group_blocks(audit, s["min_group_size"], level, s["distance_unit"])
+    return blocks + _cross_validation_blocks(s.get("cross_validation")) + _cross_site_blocks(s.get("cross_site"), level)
+
+
+def _cross_validation_blocks(study: dict[str, Any] | None) -> list[Block]:
+    if not study:
+        return []
+    rows = [[str(f["fold"]), fmt_count(f["n_train"]), fmt_count(f["n_val"]), fmt_count(f["n_test"]), fmt(f["dice"]),
+             f"`{f['run_id']}`"] for f in study["folds"]]
+    return [("h3", "Cross-validation folds"),
+            ("p", f"{study['n_folds']} folds by patient; every case was tested once, by the model of the fold that "
+                  "held it out, and the numbers above pool those predictions. Mean Dice per fold: "
+                  f"{fmt(study['dice_fold_mean'])} (standard deviation over folds {fmt(study['dice_fold_std'])})."),
+            ("table", ["Fold", "Train", "Val", "Test", "Test Dice", "MLflow run"], rows)]
+
+
+def _cross_site_blocks(study: dict[str, Any] | None, level: str) -> list[Block]:
+    if not study:
+        return []
+    attribute = study["attribute"]
+    rows = [[g["group"], fmt_count(g["n"]), fmt_estimate(g["dice_in"]), fmt_estimate(g["dice_out"]),
+             fmt_estimate(g["dice_drop"]), f"`{g['run_id']}`"] for g in study["groups"]]
+    blocks: list[Block] = [
+        ("h3", f"Cross-{attribute} generalisation"),
+        ("p", f"Dice of each {attribute}'s cases when the {attribute} was seen in training (the pooled "
+              f"cross-validation above) and when it was not (a model trained and validated on the other "
+              f"{attribute}s' cases only); drop = seen − unseen, paired per case, with a {level} bootstrap interval."),
+        ("table", [attribute.capitalize(), "Cases", f"Dice seen [{level} CI]", f"Dice unseen [{level} CI]",
+                   "Drop [CI]", "MLflow run (unseen)"], rows)]
+    if study.get("not_measured"):
+        blocks.append(("ul", [f"{item['group']}: not held out ({item['reason']})" for item in study["not_measured"]]))
     return blocks
 
 
@@ -205,7 +252,7 @@ _CSS = (
 
 
 def _count_table(counts: dict[str, dict[str, int | None]], minimum: int, title: str = "Cases per group") -> list[Block]:
-    rows = [[attribute, group, fmt_count(n) if n is not None else f"< {minimum}"]
+    rows = [[attribute, group, _count(n, minimum)]
             for attribute, groups in counts.items() for group, n in groups.items()]
     return [("h3", title), ("table", ["Attribute", "Group", "Cases"], rows)] if rows else []
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from medseg_lightning.config_schema import ExperimentConfig, FairnessConfig
 from medseg_lightning.data.cache import PreparedCase
+from medseg_lightning.data.manifest import Case
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.fairness import (
     AttributeAudit,
@@ -137,12 +138,15 @@ def _json_safe(value: Any) -> Any:
 def split_group_counts(cases_by_split: dict[str, list[PreparedCase]],
                        fairness: FairnessConfig) -> dict[str, dict[str, dict[str, int | None]]]:
     """Cases per audited group in every split (None: too small to disclose), for the model card."""
-    counts = {}
-    for split, cases in cases_by_split.items():
-        table = pd.DataFrame([{f"attr/{name}": case.case.attributes.get(name) for name in fairness.attributes}
-                              for case in cases], columns=[f"attr/{name}" for name in fairness.attributes])
-        counts[split] = group_counts(table, fairness) if cases else {}
-    return counts
+    return {split: case_group_counts([case.case for case in cases], fairness)
+            for split, cases in cases_by_split.items()}
+
+
+def case_group_counts(cases: list[Case], fairness: FairnessConfig) -> dict[str, dict[str, int | None]]:
+    """Cases per audited group (None: too small to disclose)."""
+    table = pd.DataFrame([{f"attr/{name}": case.attributes.get(name) for name in fairness.attributes}
+                          for case in cases], columns=[f"attr/{name}" for name in fairness.attributes])
+    return group_counts(table, fairness) if cases else {}
 
 
 def worst_group_tags(report: EvaluationReport) -> dict[str, str]:

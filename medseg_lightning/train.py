@@ -73,7 +73,7 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
         encoder_freeze_epochs=config.model.encoder_freeze_epochs,
         encoder_lr_multiplier=config.model.encoder_lr_multiplier,
         inference_batch_size=config.trainer.inference_batch_size, overlay_cases=config.tracking.log_overlays,
-        fairness=config.fairness,
+        fairness=config.fairness, channels_last=config.trainer.channels_last,
     )
     logger = tracking.create_logger(config, root, resume_run_id=resume)
     checkpoints = root / "mlruns" / "checkpoints" / logger.run_id if logger.run_id else None
@@ -175,7 +175,7 @@ def _log_outputs(logger: Any, module: SegmentationModule, datamodule: Segmentati
             tracking.log_artifact_file(logger, Path(best_checkpoint), "checkpoints")
         if not config.tracking.log_model:
             return None
-        network = module.network.cpu().eval()
+        network = module.network.cpu().eval().to(memory_format=torch.contiguous_format)
         bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle")
         example = _example_input(datamodule)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Pictures for people: image | ground truth | prediction overlays, as PNG files."""
+"""Pictures for people: overlays of predictions, fairness and cross-site plots, as PNG files."""
 
 from __future__ import annotations
 
@@ -84,6 +84,41 @@ def save_fairness_plot(audit: dict[str, Any], path: Path, confidence: float, min
         gap = audit["dice_gap"]
         title += f"\ngap {gap['mean']:.3f} [{gap['ci_low']:.3f}, {gap['ci_high']:.3f}], worst: {audit['worst_group']}"
     axis.set_title(title, fontsize=9)
+    axis.grid(axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def save_crosssite_plot(groups: list[dict[str, Any]], attribute: str, path: Path, confidence: float) -> Path:
+    """Per held-out group: mean Dice when the group was seen in training and when it was not, with intervals.
+
+    Args:
+        groups: the cross-site rows (``group``, ``n``, ``dice_in``, ``dice_out``, ``dice_drop`` estimates).
+    """
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.4 * len(groups) + 2.0), 3.4))
+    for x, row in enumerate(groups):
+        for offset, key, colour, label in ((-0.12, "dice_in", "#1f77b4", "seen in training"),
+                                           (0.12, "dice_out", "#d62728", "not seen (held out)")):
+            value = row[key]
+            axis.errorbar(x + offset, value["mean"], yerr=[[value["mean"] - value["ci_low"]],
+                                                           [value["ci_high"] - value["mean"]]],
+                          fmt="o", color=colour, capsize=4, label=label if x == 0 else None)
+        drop = row["dice_drop"]
+        axis.annotate(f"drop {drop['mean']:.3f}\n[{drop['ci_low']:.3f}, {drop['ci_high']:.3f}]\nn={row['n']}",
+                      (x, min(row["dice_in"]["ci_low"], row["dice_out"]["ci_low"])), textcoords="offset points",
+                      xytext=(0, -34), ha="center", fontsize=7)
+    low = min((min(r["dice_in"]["ci_low"], r["dice_out"]["ci_low"]) for r in groups), default=0.0)
+    high = max((max(r["dice_in"]["ci_high"], r["dice_out"]["ci_high"]) for r in groups), default=1.0)
+    pad = max(0.02, 0.35 * (high - low))
+    axis.set_ylim(max(0.0, low - 2 * pad), min(1.0, high + pad / 2) if high < 1.0 else 1.0)
+    axis.set_xticks(range(len(groups)), [row["group"] for row in groups])
+    axis.set_xlim(-0.6, len(groups) - 0.4)
+    axis.set_xlabel(f"held-out {attribute}")
+    axis.set_ylabel("mean case Dice")
+    axis.set_title(f"cross-{attribute} generalisation, {round(confidence * 100)}% bootstrap CI", fontsize=9)
+    axis.legend(fontsize=7, loc="upper right", frameon=False)
     axis.grid(axis="y", alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")

@@ -111,6 +111,23 @@ def test_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert load_config(path).data.source == Path("/mnt/data/hippo")
 
 
+def test_a_relative_environment_path_starts_at_the_working_directory(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MEDSEG_DATA_ROOT=../shared/data medseg train experiments/x.yaml` means ../shared/data from the shell."""
+    (tmp_path / "experiments").mkdir()
+    path = _write(tmp_path / "experiments" / "exp.yaml",
+                  {"name": "x", "data": {"source": "${MY_DATA}/hippo", "attributes": {"table": "${MY_DATA}/t.csv"},
+                                         "split": {"file": "splits.csv"}}})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MY_DATA", "../shared")
+    config = load_config(path)
+    assert config.data.source.resolve() == (tmp_path / "shared" / "hippo").resolve()
+    assert config.data.attributes.table.resolve() == (tmp_path / "shared" / "t.csv").resolve()
+    assert config.data.split.file == tmp_path / "experiments" / "splits.csv"  # no variable: the file's folder
+
+
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

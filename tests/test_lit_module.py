@@ -51,3 +51,25 @@ def test_sgd_and_adamw(tmp_path) -> None:
                                     OptimizerConfig(name=name, scheduler="none"))
         optimizer = module.configure_optimizers()["optimizer"]
         assert type(optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[name]
+
+
+@pytest.mark.parametrize("arch", ["unet", "fcn", "segnet"])
+def test_channels_last_gives_the_same_logits_and_gradients(arch: str) -> None:
+    """A memory-format speed setting must not change what the network computes."""
+    torch.manual_seed(0)
+    network = create_model(arch, "test_resnet", 3, 2).eval()
+    image = torch.randn(2, 3, 32, 32)
+    reference = SegmentationModule(network, create_loss("ce", 2), {0: "bg", 1: "fg"}, OptimizerConfig())
+    expected = reference(image)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in reference.network.parameters()]
+    reference.network.zero_grad()
+    fast = SegmentationModule(network, create_loss("ce", 2), {0: "bg", 1: "fg"}, OptimizerConfig(),
+                              channels_last=True)
+    conv = next(m for m in fast.network.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    logits = fast(image)
+    logits.sum().backward()
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    for grad, param in zip(grads, fast.network.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, grad, atol=1e-3, rtol=1e-3)

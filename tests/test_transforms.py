@@ -27,8 +27,9 @@ GEOMETRIC = [
 
 @pytest.mark.parametrize(
     "config",
-    [AugmentationConfig(preset="light"), AugmentationConfig(preset="none", transforms=GEOMETRIC)],
-    ids=["light", "geometric"],
+    [AugmentationConfig(preset="light"), AugmentationConfig(preset="intensity"),
+     AugmentationConfig(preset="none", transforms=GEOMETRIC)],
+    ids=["light", "intensity", "geometric"],
 )
 def test_geometric_augmentation_keeps_image_and_mask_aligned(config: AugmentationConfig) -> None:
     augment = build_augmentation(config)
@@ -77,7 +78,7 @@ def test_user_listed_transforms_and_errors() -> None:
         build_augmentation(AugmentationConfig(preset="none", transforms=[{"name": "GaussNoise", "nonsense": 1}]))
     with pytest.raises(ValueError, match="unknown augmentation preset 'heavy'"):
         build_augmentation(AugmentationConfig(preset="heavy"))
-    assert PRESETS.names() == ["light", "none", "strong"]
+    assert PRESETS.names() == ["intensity", "light", "none", "strong"]
 
 
 def test_intensity_augmentation_keeps_unbounded_intensities() -> None:
@@ -88,3 +89,20 @@ def test_intensity_augmentation_keeps_unbounded_intensities() -> None:
     for _ in range(10):
         out, _ = augment(image, mask)
         assert out.min() < -500 and out.max() - out.min() > 1000  # not squeezed into [0, 1]
+
+
+def test_the_intensity_preset_changes_contrast_and_gamma_more_than_light() -> None:
+    """The site-shift remedy: intensity relations between tissues change a lot, far more than with 'light'."""
+    image, mask = _pair()
+
+    def spread(preset: str) -> float:
+        augment = build_augmentation(AugmentationConfig(preset=preset))
+        rng_ratios = []
+        for seed in range(40):
+            np.random.seed(seed)
+            out, out_mask = augment(image, mask)
+            low, high = (np.median(out[0][out_mask == k]) for k in (1, 2))
+            rng_ratios.append((low - out[0].min()) / max(high - out[0].min(), 1e-6))  # 0.5 without changes
+        return float(np.std(rng_ratios))
+
+    assert spread("intensity") > 2 * spread("light")

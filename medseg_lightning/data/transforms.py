@@ -53,6 +53,19 @@ def _strong() -> list[A.BasicTransform]:
     ]
 
 
+@PRESETS.register("intensity")
+def _intensity() -> list[A.BasicTransform]:
+    """Light geometry with strong intensity changes (brightness, contrast, gamma, noise, blur): a remedy for
+    scanner and site differences, which change how tissue looks more than where it is."""
+    return [
+        A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), translate_percent=(-0.05, 0.05), p=0.5, **_FILL),
+        A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.8),
+        A.RandomGamma(gamma_limit=(60, 160), p=0.5),
+        A.GaussNoise(std_range=(0.02, 0.08), p=0.3),
+        A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+    ]
+
+
 def _is_transform(candidate: object) -> bool:
     return isinstance(candidate, type) and issubclass(candidate, A.BasicTransform)
 

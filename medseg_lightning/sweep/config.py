@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from medseg_lightning.config import ConfigError, load_config
 from medseg_lightning.config_schema import ExperimentConfig, StrictModel
+from medseg_lightning.launch import override
 
 
 class FloatParam(StrictModel):
@@ -162,11 +162,6 @@ def fixed_overrides(sweep: SweepConfig) -> list[str]:
     """The sweep's fixed ``overrides`` as ``--set`` arguments."""
     return [override(name, value) for name, value in sweep.overrides.items()]
 
-
-def override(path: str, value: Any) -> str:
-    """``path=value`` with the value as one-line YAML, as ``medseg train --set`` parses it back."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return f"{path}={text.removesuffix('...').strip()}"
 
 
 def _probe_values(param: FloatParam | IntParam | CategoricalParam) -> list[Any]:

@@ -4,15 +4,9 @@ launch in one trial cannot take the sweep down, and GPUs are handed to trials in
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
-import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -22,6 +16,7 @@ from typing import Any, NoReturn
 import optuna
 
 from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.launch import failure_reason, launch, medseg_command, set_options
 from medseg_lightning.sweep.config import SweepConfig, fixed_overrides, override
 from medseg_lightning.sweep.study import REASON_ATTR, RUN_ATTR, SURPLUS_ATTR, is_surplus, max_epochs, suggest
 from medseg_lightning.sweep.trial import TRIAL_ENV, TrialLink
@@ -79,25 +74,6 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def terminate_trials(timeout: float = 30) -> None:
-    """Stops every running trial process of this worker (Ctrl-C, or a kill the sweep survives)."""
-    with _LIVE_LOCK:
-        processes = list(_LIVE)
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGINT)  # Lightning shuts down gracefully on SIGINT
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
     """The objective: launch ``medseg train`` with the trial's parameters and read back its metrics."""
     sweep, study = context.sweep, context.study
@@ -113,17 +89,18 @@ def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
                      monitor=sweep.objectives[0].metric, result_file=str(result_file),
                      pruner=sweep.pruner.model_dump(), max_epochs=max_epochs(sweep),
                      report=len(sweep.objectives) == 1)
-    command = [*_medseg(), "train", str(sweep.experiment), *_set(trial_overrides(context, trial.number, params))]
+    overrides = trial_overrides(context, trial.number, params)
+    command = [*medseg_command(), "train", str(sweep.experiment), *set_options(overrides)]
     started = time.monotonic()
     with context.pool.acquire() as devices:
-        code = _launch(command, {TRIAL_ENV: json.dumps(asdict(link)), **devices}, log_file, context.root)
+        code = launch(command, {TRIAL_ENV: json.dumps(asdict(link)), **devices}, log_file, context.root)
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
     if result:
         trial.set_user_attr(RUN_ATTR, result["run_id"])
         trial.set_user_attr("epochs", result["epochs"])
     minutes = (time.monotonic() - started) / 60
     if code != 0 or result is None:
-        reason = _failure_reason(code, log_file)
+        reason = failure_reason(code, log_file)
         _fail(context, trial, reason, result)
     values = _objective_values(context, trial, result)
     if result["pruned_at"] is not None:
@@ -173,50 +150,6 @@ def _fail(context: SweepContext, trial: optuna.Trial, reason: str, result: dict[
 def _end(context: SweepContext, number: int, state: str, run_id: str | None, reason: str | None = None) -> None:
     if context.on_trial_end is not None:
         context.on_trial_end(number, state, run_id, reason)
-
-
-def _medseg() -> list[str]:
-    """The ``medseg`` entry point of this environment (Lightning's DDP launcher re-runs the same command)."""
-    script = Path(sys.executable).with_name("medseg")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("medseg")
-    return [found] if found else [sys.executable, "-m", "medseg_lightning.cli"]
-
-
-def _set(items: list[str]) -> list[str]:
-    return [part for item in items for part in ("--set", item)]
-
-
-def _die_with_parent() -> None:
-    """Linux: the trial gets SIGTERM when the sweep process dies, even by SIGKILL, so no trial outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _launch(command: list[str], extra_env: dict[str, str], log_file: Path, cwd: Path) -> int:
-    env = {**os.environ, **extra_env}
-    env.pop("MEDSEG_RUN_ID", None)  # a fresh run per trial
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec,
-                                   cwd=cwd)
-        with _LIVE_LOCK:
-            _LIVE.add(process)
-        try:
-            return process.wait()
-        finally:
-            with _LIVE_LOCK:
-                _LIVE.discard(process)
-
-
-def _failure_reason(code: int, log_file: Path) -> str:
-    """The exit status and the last error line of the trial's log (full log beside it)."""
-    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or line.startswith("error:")]
-    last = (errors or lines or ["no output"])[-1]
-    status = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    return f"{status}: {last[:400]} (log: {log_file})"
 
 
 def _params_text(params: dict[str, Any]) -> str:

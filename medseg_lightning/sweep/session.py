@@ -12,9 +12,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from medseg_lightning.launch import terminate_children
 from medseg_lightning.sweep.config import SweepConfig, load_sweep
 from medseg_lightning.sweep.report import write_report
-from medseg_lightning.sweep.runner import DevicePool, SweepContext, TrialFailed, run_trial, terminate_trials
+from medseg_lightning.sweep.runner import DevicePool, SweepContext, TrialFailed, run_trial
 from medseg_lightning.sweep.study import (
     REASON_ATTR,
     RUN_ATTR,
@@ -66,7 +67,7 @@ def run_sweep(path: Path, overrides: list[str] | None = None, jobs: int | None =
                            catch=(TrialFailed,), callbacks=[_stop_at_budget(sweep), failures],
                            gc_after_trial=False)
         except KeyboardInterrupt:
-            terminate_trials()
+            terminate_children()
             outcome.interrupted = True
     _reconcile_runs(study, client, parent)
     status = "killed" if outcome.interrupted else ("finished" if budget_reached(study, sweep.n_trials) else None)

@@ -1,0 +1,194 @@
+"""``medseg crosssite``: how much accuracy a model loses at a site (hospital, scanner) it never saw in training.
+
+For every group of the attribute with at least ``fairness.min_group_size`` cases, one model is trained and
+validated on the other groups' cases only (split ``leave_group_out``) and tested on that group. The same cases'
+Dice when their group *was* seen in training comes from the pooled cross-validation of the same experiment
+(``medseg crossval``, reused when it already ran). The drop is seen − unseen, paired per case, with a bootstrap
+interval: a drop whose interval excludes zero says the model should not be trusted at a new site untested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medseg_lightning.bootstrap import Estimate, interval
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.crossval import (
+    CrossValResult,
+    check_crossval_config,
+    fold_summary,
+    load_cohort,
+    log_study,
+    run_crossval,
+    study_context,
+)
+from medseg_lightning.data.manifest import UNKNOWN
+from medseg_lightning.fairness import group_labels, metric_name
+from medseg_lightning.modelcard import fmt, fmt_estimate
+from medseg_lightning.studies import Child, Echo, Study, StudyError, child_test_cases, open_study, run_child
+
+KIND = "cross-site"
+DICE = "dice/mean"
+
+
+@dataclass
+class HeldOutGroup:
+    """One held-out group: its cases' Dice seen and unseen in training, and the paired drop."""
+
+    group: str
+    n: int
+    run_id: str
+    dice_in: Estimate
+    dice_out: Estimate
+    dice_drop: Estimate
+    cases: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+
+
+@dataclass
+class CrossSiteResult:
+    run_id: str
+    tracking_uri: str
+    attribute: str
+    crossval: CrossValResult
+    groups: list[HeldOutGroup]
+    not_measured: list[dict[str, str]]
+
+
+def eligible_groups(config: ExperimentConfig, attribute: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The groups to hold out (at least ``min_group_size`` cases, not ``unknown``) and the others with the reason.
+
+    Raises:
+        ValueError: an attribute that is binned or that no case has, or no group large enough.
+    """
+    if attribute in config.fairness.bins:
+        raise ValueError(f"--attribute {attribute}: binned attributes cannot be held out as groups; use a categorical "
+                         "one (site, scanner, sex)")
+    cases = load_cohort(config)
+    if not any(case.attributes.get(attribute) is not None for case in cases):
+        available = sorted({name for case in cases for name, value in case.attributes.items() if value is not None})
+        raise ValueError(f"--attribute {attribute}: no case has this attribute; available: {', '.join(available)}")
+    sizes = group_labels(pd.Series([case.attributes.get(attribute) for case in cases], dtype=object), None)
+    minimum = config.fairness.min_group_size
+    eligible, skipped = [], []
+    for group, n in sorted(sizes.value_counts().items()):
+        if group == UNKNOWN:
+            skipped.append({"group": group, "reason": f"cases without a {attribute} are not a {attribute}"})
+        elif n < minimum:
+            skipped.append({"group": group, "reason": f"fewer than {minimum} cases"})
+        else:
+            eligible.append(group)
+    if not eligible:
+        raise ValueError(f"--attribute {attribute}: no group has {minimum} cases (fairness.min_group_size)")
+    return eligible, skipped
+
+
+def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = None,
+                  echo: Echo = print) -> CrossSiteResult:
+    """Cross-validation (reused when finished), then one held-out model per eligible group; logs the table."""
+    from medseg_lightning import tracking
+
+    check_crossval_config(config)  # "seen in training" numbers come from the cross-validation
+    groups, skipped = eligible_groups(config, attribute)
+    root = root or tracking.project_root(Path.cwd())
+    echo(f"cross-{attribute}: holding out {', '.join(groups)}"
+         + (f"; not held out: {', '.join(item['group'] for item in skipped)}" if skipped else ""))
+    with open_study(KIND, config, root, qualifier=attribute, tags={"medseg.crosssite.attribute": attribute}) as study:
+        crossval = run_crossval(config, root, parent_run_id=study.run_id, echo=echo)
+        study.client.set_tag(study.run_id, "medseg.crossval_run_id", crossval.run_id)
+        results = [_held_out(study, crossval, attribute, group, echo) for group in groups]
+        _log(study, crossval, attribute, results, skipped)
+    return CrossSiteResult(study.run_id, study.client.tracking_uri, attribute, crossval, results, skipped)
+
+
+def _held_out(study: Study, crossval: CrossValResult, attribute: str, group: str, echo: Echo) -> HeldOutGroup:
+    overrides = {"data.split.method": "leave_group_out", "data.split.group_attribute": attribute,
+                 "data.split.held_out_group": group}
+    run_id = run_child(study, Child(f"{metric_name(attribute)}-{metric_name(group)}", overrides), echo)
+    unseen = child_test_cases(study, run_id)[["case_id", DICE]].rename(columns={DICE: "dice_out"})
+    seen = pd.DataFrame([{"case_id": row["case_id"], "dice_in": row.get(DICE)} for row in crossval.report.cases])
+    paired = unseen.merge(seen, on="case_id", how="left")
+    if paired["dice_in"].isna().any():
+        raise StudyError(f"{attribute} {group}: {int(paired['dice_in'].isna().sum())} held-out case(s) have no "
+                         "cross-validation result")
+    return paired_estimates(group, run_id, paired, study.config)
+
+
+def paired_estimates(group: str, run_id: str, paired: pd.DataFrame, config: ExperimentConfig) -> HeldOutGroup:
+    """Means with bootstrap intervals of seen, unseen and their per-case difference (same cases, so paired)."""
+    fairness = config.fairness
+    digest = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16)  # a fixed, distinct stream per group
+    rng = np.random.default_rng([fairness.seed, digest])
+    seen, unseen = paired["dice_in"].to_numpy(float), paired["dice_out"].to_numpy(float)
+    estimates = [interval(values, fairness.n_bootstrap, fairness.confidence, rng)
+                 for values in (seen, unseen, seen - unseen)]
+    return HeldOutGroup(group, len(paired), run_id, *estimates, cases=paired.assign(group=group))
+
+
+def metrics(attribute: str, groups: list[HeldOutGroup]) -> dict[str, float]:
+    """``crosssite/<attribute>/<group>/dice_in``, ``.../dice_out``, ``.../dice_drop`` (each with ``_ci_low`` and
+    ``_ci_high``) and ``.../n``; ``crosssite/<attribute>/dice_drop_mean`` averages the groups' drops."""
+    out: dict[str, float] = {}
+    prefix = f"crosssite/{metric_name(attribute)}"
+    for item in groups:
+        name = f"{prefix}/{metric_name(item.group)}"
+        for key in ("dice_in", "dice_out", "dice_drop"):
+            estimate: Estimate = getattr(item, key)
+            out |= {f"{name}/{key}": estimate.mean, f"{name}/{key}_ci_low": estimate.ci_low,
+                    f"{name}/{key}_ci_high": estimate.ci_high}
+        out[f"{name}/n"] = float(item.n)
+    out[f"{prefix}/dice_drop_mean"] = float(np.mean([item.dice_drop.mean for item in groups]))
+    return out
+
+
+def card_section(attribute: str, groups: list[HeldOutGroup], skipped: list[dict[str, str]],
+                 confidence: float) -> dict[str, Any]:
+    rows = [{"group": g.group, "n": g.n, "run_id": g.run_id, "dice_in": asdict(g.dice_in),
+             "dice_out": asdict(g.dice_out), "dice_drop": asdict(g.dice_drop)} for g in groups]
+    return {"attribute": attribute, "confidence": confidence, "groups": rows, "not_measured": skipped}
+
+
+def caveats(attribute: str, groups: list[HeldOutGroup], skipped: list[dict[str, str]]) -> list[str]:
+    """A caveat for every group whose drop interval excludes zero, and for every group not held out."""
+    notes = [f"{attribute} {g.group}: mean Dice drops by {fmt_estimate(asdict(g.dice_drop))} when no {g.group} case "
+             f"is in training ({fmt(g.dice_in.mean)} seen, {fmt(g.dice_out.mean)} unseen); the interval excludes zero: "
+             f"expect lower accuracy at a {attribute} the model was not trained on, and validate it there first."
+             for g in groups if g.dice_drop.ci_low > 0]
+    notes += [f"{attribute} {item['group']}: generalisation to it was not measured ({item['reason']})."
+              for item in skipped if item["group"] != UNKNOWN]
+    return notes
+
+
+def _log(study: Study, crossval: CrossValResult, attribute: str, groups: list[HeldOutGroup],
+         skipped: list[dict[str, str]]) -> None:
+    from medseg_lightning.tracking import log_report
+    from medseg_lightning.visualize import save_crosssite_plot
+
+    confidence = study.config.fairness.confidence
+    section = card_section(attribute, groups, skipped, confidence)
+    analyses = {"cross_validation": fold_summary(crossval.report, crossval.fold_runs, study.config),
+                "cross_site": section}
+    context = study_context(study, crossval.report, crossval.fold_runs[0], analyses,
+                            caveats(attribute, groups, skipped), kind=KIND)
+    log_study(study, context, {"test": crossval.report}, crossval.report.metrics() | metrics(attribute, groups))
+    name = metric_name(attribute)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        table = pd.DataFrame([{"group": g.group, "n": g.n, **_flat("dice_in", g.dice_in),
+                               **_flat("dice_out", g.dice_out), **_flat("dice_drop", g.dice_drop), "run_id": g.run_id}
+                              for g in groups])
+        files = [folder / f"crosssite_{name}.csv", folder / f"crosssite_{name}_cases.csv"]
+        table.to_csv(files[0], index=False)
+        pd.concat([g.cases for g in groups], ignore_index=True).to_csv(files[1], index=False)
+        files.append(save_crosssite_plot(section["groups"], attribute, folder / f"crosssite_{name}.png", confidence))
+        log_report(study.client, study.run_id, files, "crosssite", {})
+
+
+def _flat(key: str, estimate: Estimate) -> dict[str, float]:
+    return {key: estimate.mean, f"{key}_ci_low": estimate.ci_low, f"{key}_ci_high": estimate.ci_high}

@@ -1,0 +1,156 @@
+"""``medseg crossval``: every fold of an experiment as a training run, the test predictions pooled into one audit.
+
+Each case is tested once, by the model of the fold that held it out, so pooling the folds' per-case rows gives an
+audit over the whole cohort: groups that are too small in one fold's test set (a few dozen patients split by sex,
+age band and site) become large enough to measure. Folds are child ``medseg train`` runs under one parent MLflow
+run, which gets the pooled metrics (``test/dice``, ``test/fairness/sex/F/dice``, ...), reports and model card.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.data.attributes import apply_attributes
+from medseg_lightning.data.manifest import Case, load_cases
+from medseg_lightning.data.splits import assign_splits
+from medseg_lightning.evaluate import RunContext, write_outputs
+from medseg_lightning.fairness import group_counts
+from medseg_lightning.scoring import EvaluationReport, case_group_counts, summarize
+from medseg_lightning.studies import Child, Echo, Study, StudyError, child_test_cases, open_study, run_child
+
+KIND = "cross-validation"
+
+
+@dataclass
+class CrossValResult:
+    """The study's parent run, its fold runs and the pooled test report."""
+
+    run_id: str
+    tracking_uri: str
+    fold_runs: dict[int, str]
+    report: EvaluationReport
+
+
+def check_crossval_config(config: ExperimentConfig) -> None:
+    """Cross-validation tests every fold: the split must be k-fold with the held-out fold as the test set.
+
+    Raises:
+        ValueError: naming the fields to change.
+    """
+    split = config.data.split
+    if split.method != "kfold" or split.holdout != "test":
+        raise ValueError(f"cross-validation needs data.split.method: kfold and data.split.holdout: test (each fold "
+                         f"held out as a test set); this experiment has method {split.method!r}, holdout "
+                         f"{split.holdout!r}")
+
+
+def load_cohort(config: ExperimentConfig) -> list[Case]:
+    """The experiment's cases with their attributes (no images are read)."""
+    cases = load_cases(config.data.source, config.data.image_columns, config.data.mask_column)
+    if config.data.attributes is not None:
+        apply_attributes(cases, config.data.attributes)  # problems stop the training runs, with the full list
+    return cases
+
+
+def run_crossval(config: ExperimentConfig, root: Path | None = None, parent_run_id: str | None = None,
+                 echo: Echo = print) -> CrossValResult:
+    """Trains (or reuses) every fold, pools the test rows and logs the pooled audit and model card."""
+    from medseg_lightning import tracking
+
+    check_crossval_config(config)
+    root = root or tracking.project_root(Path.cwd())
+    with open_study(KIND, config, root, parent_run_id) as study:
+        folds = range(config.data.split.n_folds)
+        fold_runs = {fold: run_child(study, Child(f"fold-{fold}", {"data.split.fold": fold}), echo) for fold in folds}
+        report = pooled_report(study, fold_runs)
+        _log_pooled(study, report, fold_runs)
+    return CrossValResult(study.run_id, study.client.tracking_uri, fold_runs, report)
+
+
+def pooled_report(study: Study, fold_runs: dict[int, str]) -> EvaluationReport:
+    """One test report over every fold's test cases; each case must appear exactly once.
+
+    Raises:
+        StudyError: a case tested in two folds, or cases of the cohort that no fold tested.
+    """
+    tables = [child_test_cases(study, run_id).assign(fold=fold) for fold, run_id in fold_runs.items()]
+    table = pd.concat(tables, ignore_index=True)
+    repeated = sorted(table["case_id"][table["case_id"].duplicated()].unique())
+    if repeated:
+        raise StudyError(f"{len(repeated)} case(s) were tested in more than one fold (e.g. {repeated[0]}): the "
+                         "folds' runs do not come from one split; rerun the cross-validation")
+    untested = sorted({case.case_id for case in load_cohort(study.config)} - set(table["case_id"]))
+    if untested:
+        raise StudyError(f"{len(untested)} case(s) of the cohort were tested in no fold (e.g. {untested[0]})")
+    folds = table.pop("fold").tolist()
+    rows = table.to_dict("records")
+    names = dict(study.config.data.labels)
+    report = summarize(rows, "test", study.config.fairness, [name for key, name in sorted(names.items()) if key > 0])
+    for row, fold in zip(report.cases, folds, strict=True):
+        row["fold"] = fold  # in the pooled table, not among the aggregated metrics
+    return report
+
+
+def fold_summary(report: EvaluationReport, fold_runs: dict[int, str], config: ExperimentConfig) -> dict[str, Any]:
+    """Per-fold case counts and test Dice, and the training cases per group in every fold, for the model card."""
+    cases = load_cohort(config)
+    folds, train_counts = [], {}
+    dice = pd.DataFrame([{"fold": row["fold"], "dice": row.get("dice/mean", math.nan)} for row in report.cases])
+    for fold, run_id in fold_runs.items():
+        splits = assign_splits(cases, config.data.split.model_copy(update={"fold": fold}))
+        members = {name: [case for case in cases if splits.get(case.case_id) == name] for name in ("train", "val")}
+        train_counts[str(fold)] = case_group_counts(members["train"], config.fairness)
+        fold_dice = dice["dice"][dice["fold"] == fold]
+        folds.append({"fold": fold, "run_id": run_id, "n_train": len(members["train"]), "n_val": len(members["val"]),
+                      "n_test": len(fold_dice), "dice": float(fold_dice.mean())})
+    values = np.array([item["dice"] for item in folds])
+    return {"n_folds": len(folds), "folds": folds, "train_group_counts": train_counts,
+            "dice_fold_mean": float(values.mean()), "dice_fold_std": float(values.std(ddof=1)) if len(values) > 1
+            else math.nan}
+
+
+def study_context(study: Study, report: EvaluationReport, first_run: str, analyses: dict[str, Any],
+                  caveats: list[str] | None = None, kind: str = KIND) -> RunContext:
+    """What the model card of a study needs: the pooled test counts and the dataset fingerprint of its runs."""
+    from medseg_lightning.tracking.studies import read_json
+
+    table = pd.DataFrame(report.cases)
+    return RunContext(config=study.config, kind=kind, run_id=study.run_id, root=study.root,
+                      split_counts={"test": len(report.cases)},
+                      group_counts={"test": group_counts(table, study.config.fairness)},
+                      fingerprint=read_json(study.client, first_run, "data_fingerprint.json"),
+                      analyses=analyses, caveats=caveats or [])
+
+
+def log_study(study: Study, context: RunContext, reports: dict[str, EvaluationReport],
+              metrics: dict[str, float]) -> None:
+    """Metrics, report files, model card and description of a study's parent run."""
+    from medseg_lightning import tracking
+    from medseg_lightning.config import config_to_yaml
+    from medseg_lightning.tracking.evaluation import log_metrics
+    from medseg_lightning.tracking.studies import log_config
+
+    log_config(study.client, study.run_id, study.config, config_to_yaml(study.config))
+    log_metrics(study.client, study.run_id, metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = write_outputs(reports, context, Path(tmp))
+        for folder, files in outputs.files.items():
+            tracking.log_report(study.client, study.run_id, files, folder, {}, None)
+        tracking.log_report(study.client, study.run_id, [], "", outputs.tags, outputs.description or None)
+
+
+def _log_pooled(study: Study, report: EvaluationReport, fold_runs: dict[int, str]) -> None:
+    summary = fold_summary(report, fold_runs, study.config)
+    metrics = report.metrics() | {f"folds/{f['fold']}/test/dice": f["dice"] for f in summary["folds"]}
+    metrics |= {"cv/dice_fold_mean": summary["dice_fold_mean"], "cv/dice_fold_std": summary["dice_fold_std"],
+                "cv/n_folds": float(summary["n_folds"])}
+    context = study_context(study, report, fold_runs[0], {"cross_validation": summary})
+    log_study(study, context, {"test": report}, metrics)

@@ -1,0 +1,92 @@
+"""``medseg train`` as a child process: how sweeps, cross-validation and cross-site studies launch training runs.
+
+A run in its own process cannot take its launcher down when it crashes, runs out of memory or starts DDP ranks
+(Lightning's launcher re-runs the command line), and it dies with its launcher, so no run outlives a killed study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def medseg_command() -> list[str]:
+    """The ``medseg`` entry point of this environment (Lightning's DDP launcher re-runs the same command)."""
+    script = Path(sys.executable).with_name("medseg")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("medseg")
+    return [found] if found else [sys.executable, "-m", "medseg_lightning.cli"]
+
+
+def override(path: str, value: Any) -> str:
+    """``path=value`` with the value as one-line YAML, as ``medseg train --set`` parses it back."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return f"{path}={text.removesuffix('...').strip()}"
+
+
+def set_options(items: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``."""
+    return [part for item in items for part in ("--set", item)]
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when its launcher dies, even by SIGKILL, so no run outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def launch(command: list[str], extra_env: dict[str, str], log_file: Path, cwd: Path) -> int:
+    """Runs ``command`` with its output in ``log_file``; returns its exit status (negative: killed by a signal)."""
+    env = {**os.environ, **extra_env}
+    env.pop("MEDSEG_RUN_ID", None)  # a fresh MLflow run per child
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec,
+                                   cwd=cwd)
+        with _LIVE_LOCK:
+            _LIVE.add(process)
+        try:
+            return process.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(process)
+
+
+def terminate_children(timeout: float = 30) -> None:
+    """Stops every running child of this process (Ctrl-C, or a kill the launcher survives)."""
+    with _LIVE_LOCK:
+        processes = list(_LIVE)
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)  # Lightning shuts down gracefully on SIGINT
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def failure_reason(code: int, log_file: Path) -> str:
+    """The exit status and the last error line of the child's log (full log beside it)."""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or line.startswith("error:")]
+    last = (errors or lines or ["no output"])[-1]
+    status = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"{status}: {last[:400]} (log: {log_file})"

@@ -1,0 +1,142 @@
+"""Studies made of several training runs under one parent MLflow run: cross-validation folds, cross-site models.
+
+Every child is a ``medseg train`` process (see ``launch``) on the study's resolved config plus the child's own
+overrides, tagged with the hash of that config and the child's key. Rerunning the same study reuses finished
+children and resumes an interrupted one from its last checkpoint, so a crash or Ctrl-C costs at most the epoch
+it happened in, and nothing a user already has is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medseg_lightning.config import config_to_yaml
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.launch import failure_reason, launch, medseg_command, override, set_options
+
+CASES_ARTIFACT = "metrics/test_cases.csv"
+Echo = Callable[[str], None]
+
+
+class StudyError(RuntimeError):
+    """A child training run failed; the message names the child, the exit status and its log."""
+
+
+@dataclass
+class Child:
+    """One training run of a study: its key (``fold-0``, ``site-DU``) and its config overrides."""
+
+    key: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class Study:
+    """A study's parent run and where its children's config and logs live."""
+
+    kind: str
+    config: ExperimentConfig
+    root: Path
+    config_hash: str
+    client: Any
+    run_id: str
+    folder: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / "config.yaml"
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """Hash of what determines the results: the resolved config without run names, tags and the fold."""
+    data = config.data.model_copy(update={"split": config.data.split.model_copy(update={"fold": 0})})
+    tracking = config.tracking.model_copy(update={"tags": {}, "run_name": None})
+    neutral = config.model_copy(update={"data": data, "tracking": tracking})
+    return hashlib.sha256(config_to_yaml(neutral).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def open_study(kind: str, config: ExperimentConfig, root: Path, parent_run_id: str | None = None,
+               tags: dict[str, str] | None = None, qualifier: str = "") -> Iterator[Study]:
+    """The study's parent run (continued on a rerun), ended FINISHED, KILLED (Ctrl-C) or FAILED with the block.
+
+    Args:
+        qualifier: what else tells two studies of one config apart (the held-out attribute of a cross-site study).
+    """
+    from medseg_lightning.tracking import studies as tracking
+
+    digest = config_hash(config)
+    if qualifier:
+        digest = hashlib.sha256(f"{digest}:{qualifier}".encode()).hexdigest()[:16]
+    client, run_id = tracking.open_study_run(config, root, kind, digest, f"{kind}-{config.name}", parent_run_id, tags)
+    folder = root / "mlruns" / "studies" / f"{kind}-{config.name}{'-' + qualifier if qualifier else ''}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    neutral = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tags": {}, "run_name": None})})
+    (folder / "config.yaml").write_text(config_to_yaml(neutral))
+    study = Study(kind, config, root, digest, client, run_id, folder)
+    try:
+        yield study
+    except BaseException as error:
+        tracking.end_run(client, run_id, error)
+        raise
+    tracking.end_run(client, run_id, None)
+
+
+def run_child(study: Study, child: Child, echo: Echo = print) -> str:
+    """The run id of the child's finished training run: an earlier one of the same config, else a new one
+    (continuing an interrupted one from its last checkpoint).
+
+    Raises:
+        StudyError: the training process failed.
+    """
+    from medseg_lightning.tracking import studies as tracking
+
+    earlier = tracking.child_runs(study.client, study.config, study.root, study.config_hash, child.key,
+                                  CASES_ARTIFACT)
+    if earlier.finished:
+        echo(f"{child.key}: finished earlier (run {earlier.finished}), reused")
+        return earlier.finished
+    resume = earlier.interrupted if earlier.interrupted and _has_checkpoint(study, earlier.interrupted) else None
+    tags = tracking.child_tags(study.run_id, study.kind, study.config_hash, child.key)
+    items = [*(override(path, value) for path, value in child.overrides.items()), override("tracking.tags", tags),
+             override("tracking.run_name", child.key)]
+    command = [*medseg_command(), "train", str(study.config_file), *set_options(items)]
+    command += ["--resume", resume] if resume else []
+    log = study.folder / f"{child.key}.log"
+    echo(f"{child.key}: {'resuming run ' + resume if resume else 'training'} (log: {log})")
+    code = launch(command, {}, log, study.root)
+    if code != 0:
+        raise StudyError(f"{child.key}: training failed, {failure_reason(code, log)}")
+    for line in _summary_lines(log):
+        echo(f"  {line}")
+    finished = tracking.child_runs(study.client, study.config, study.root, study.config_hash, child.key,
+                                   CASES_ARTIFACT).finished
+    if finished is None:
+        raise StudyError(f"{child.key}: training ended without test results ({CASES_ARTIFACT}); log: {log}")
+    return finished
+
+
+def child_test_cases(study: Study, run_id: str) -> pd.DataFrame:
+    """The per-case test table a child run logged (``metrics/test_cases.csv``)."""
+    from medseg_lightning.tracking import studies as tracking
+
+    return tracking.read_table(study.client, run_id, CASES_ARTIFACT, ["case_id"])
+
+
+def _has_checkpoint(study: Study, run_id: str) -> bool:
+    return (study.root / "mlruns" / "checkpoints" / run_id / "last.ckpt").is_file()
+
+
+def _summary_lines(log: Path) -> list[str]:
+    """The lines ``medseg train`` prints at the end (from ``finished in`` on), for the study's own output."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    start = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("finished in")), None)
+    return [line for line in lines[start:] if line.strip() and not line.startswith("look at it")] if start is not None \
+        else []
