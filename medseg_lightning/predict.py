@@ -34,6 +34,7 @@ from medseg_lightning.data.io import (
 )
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.model_io import ModelBundle
+from medseg_lightning.models.inference import prepare_for_inference
 
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
@@ -104,14 +105,18 @@ class Predictor:
     """One model or an ensemble (probabilities averaged), with optional flip test-time augmentation."""
 
     def __init__(self, bundles: list[ModelBundle], tta: bool | None = None, largest_component: bool | None = None,
-                 batch_size: int | None = None, device: str | None = None) -> None:
+                 batch_size: int | None = None, device: str | None = None, optimize: bool = True) -> None:
+        """``optimize``: run inference copies of the networks (BatchNorm folded, channels-last memory), which
+        compute the same output faster."""
         first = bundles[0].config
         for bundle in bundles[1:]:
             _check_compatible(first, bundle)
         self.config = first
         self.in_channels = bundles[0].in_channels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.networks = [bundle.network.to(self.device).eval() for bundle in bundles]
+        self.memory_format = torch.channels_last if optimize else torch.contiguous_format
+        self.networks = [(prepare_for_inference(bundle.network) if optimize else bundle.network.eval()).to(self.device)
+                         for bundle in bundles]
         self.tta = first.inference.tta if tta is None else tta
         chosen = first.inference.largest_component if largest_component is None else largest_component
         self.keep_largest = _classes_to_clean(chosen, first.data.labels)
@@ -139,8 +144,8 @@ class Predictor:
         """Labels ``(S, H, W)`` uint8; one model without TTA takes the argmax of its logits (no softmax needed)."""
         if len(self.networks) == 1 and not self.tta:
             network = self.networks[0]
-            return torch.cat([network(slices[start : start + self.batch_size].to(self.device)).argmax(1).to(
-                torch.uint8).cpu() for start in range(0, len(slices), self.batch_size)])
+            return torch.cat([network(self._batch(slices, start)).argmax(1).to(torch.uint8).cpu()
+                              for start in range(0, len(slices), self.batch_size)])
         return self.probabilities(slices).argmax(1).to(torch.uint8)
 
     @torch.inference_mode()
@@ -148,7 +153,7 @@ class Predictor:
         """Softmax ``(S, K, H, W)`` averaged over models (and flips), computed in batches."""
         chunks = []
         for start in range(0, len(slices), self.batch_size):
-            batch = slices[start : start + self.batch_size].to(self.device)
+            batch = self._batch(slices, start)
             views = [(), (-1,), (-2,)] if self.tta else [()]
             total = None
             for network in self.networks:
@@ -159,6 +164,9 @@ class Predictor:
                     total = probability if total is None else total + probability
             chunks.append((total / (len(self.networks) * len(views))).cpu())
         return torch.cat(chunks)
+
+    def _batch(self, slices: torch.Tensor, start: int) -> torch.Tensor:
+        return slices[start : start + self.batch_size].to(self.device).contiguous(memory_format=self.memory_format)
 
 
 def _check_compatible(first: object, other: ModelBundle) -> None:

@@ -191,3 +191,25 @@ def test_pretrained_with_offline_hub_and_empty_cache_fails_fast(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(RuntimeError, match="offline"):
         TimmEncoder("test_resnet", pretrained=True)
+
+
+@pytest.mark.parametrize("encoder", [*ENCODERS, "test_efficientnet"])
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
+def test_the_inference_copy_computes_the_same_logits(arch: str, encoder: str) -> None:
+    """Folded BatchNorm and channels-last memory are speed only: same logits, original network untouched."""
+    from medseg_lightning.models.inference import prepare_for_inference
+
+    model = create_model(arch, encoder, in_channels=2, num_classes=3)
+    with torch.no_grad():  # BatchNorm statistics far from the identity, as after training
+        for _ in range(3):
+            model(torch.randn(4, 2, 64, 64) * 3 + 1)
+    model.eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    fast = prepare_for_inference(model)
+    image = torch.randn(3, 2, 64, 64) * 3 + 1
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(image), model(image), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    if encoder == "test_resnet":  # residual blocks (convN/bnN) and decoder conv-BN-ReLU blocks are folded
+        remaining = sum(type(m) is torch.nn.BatchNorm2d for m in fast.modules())
+        assert remaining < sum(type(m) is torch.nn.BatchNorm2d for m in model.modules()) // 4
