@@ -143,3 +143,35 @@ def test_predict_on_a_slice_folder_writes_one_mask_per_slice_in_source_values(sl
     assert written == sorted(f"{case.name}_{n}_pred.png" for n in range(1, 12))
     mask = np.asarray(Image.open(tmp_path / "out" / f"{case.name}_10_pred.png"))
     assert mask.shape == (8, 8) and set(np.unique(mask)) == {255}
+
+
+@pytest.mark.parametrize(("mode", "border"), [("resize", 255), ("pad_crop", 0)])
+def test_a_model_trained_on_the_small_copy_runs_on_full_resolution_slices(tmp_path: Path, mode: str,
+                                                                          border: int) -> None:
+    """LGG's 128x128 copy was downsampled 2x from the 256x256 original: with ``resize_mode: resize`` a model
+    trained on the copy segments the whole original slice (resized to its size and back), not a cropped centre."""
+    import torch
+    from PIL import Image
+
+    from medseg_lightning.config_schema import ExperimentConfig
+    from medseg_lightning.model_io import build_network, save_bundle
+
+    case = "TCGA_EE_0005_20000505"
+    folder = tmp_path / "original" / case
+    folder.mkdir(parents=True)
+    for number in (1, 2):
+        tifffile.imwrite(folder / f"{case}_{number}.tif", np.full((16, 16, 3), 100 * number, np.uint8))
+        tifffile.imwrite(folder / f"{case}_{number}_mask.tif", np.zeros((16, 16), np.uint8))
+    config = ExperimentConfig(name="slices", model={"encoder": "test_resnet"},
+                              data={"source": tmp_path, "labels": {0: "background", 1: "abnormality"},
+                                    "label_mapping": {255: 1},
+                                    "preprocessing": {"target_size": [8, 8], "resize_mode": mode}})
+    network = build_network(config, 3)
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias[:] = torch.tensor([0.0, 5.0])  # foreground wherever the model looks
+    model = save_bundle(network, config, 3, tmp_path / "model")
+    assert main(["predict", "--model", str(model), str(folder), "--out", str(tmp_path / "out")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / f"{case}_1_pred.png"))
+    assert mask.shape == (16, 16) and mask[8, 8] == 255
+    assert mask[0, 0] == border  # resize: the whole slice was seen; pad_crop: only its centre
