@@ -86,9 +86,16 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     from medseg_lightning.data.synth import generate_cohort, parse_hard_group
 
+    if args.instances:
+        from medseg_lightning.data.synth_instances import generate_instance_cohort
+
+        shape = tuple(args.shape) if args.shape else (64, 64, 6)
+        manifest = generate_instance_cohort(args.out, args.cases, seed=args.seed, shape=shape)
+        print(f"wrote {args.cases} synthetic case(s) of touching objects and {manifest}")
+        return 0
     hard = parse_hard_group(args.hard_group) if args.hard_group else None
-    manifest = generate_cohort(args.out, args.cases, seed=args.seed, shape=tuple(args.shape), hard_group=hard,
-                               cases_per_subject=args.cases_per_subject)
+    manifest = generate_cohort(args.out, args.cases, seed=args.seed, shape=tuple(args.shape or (48, 48, 32)),
+                               hard_group=hard, cases_per_subject=args.cases_per_subject)
     print(f"wrote {args.cases} synthetic case(s) and {manifest}")
     return 0
 
@@ -398,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--cases", type=int, default=40)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shape", type=int, nargs=3, default=[48, 48, 32], metavar=("X", "Y", "Z"))
+    synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                       help="volume shape (default 48 48 32; with --instances 64 64 6)")
+    synth.add_argument("--instances", action="store_true",
+                       help="touching objects with instance ids (instancesTr/, manifest column 'instances')")
     synth.add_argument("--hard-group", help="make one group harder, e.g. sex=F or site=B:0.5 (severity)")
     synth.add_argument("--cases-per-subject", type=int, default=1)
     synth.set_defaults(handler=_data_synth)

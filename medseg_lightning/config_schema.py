@@ -158,6 +158,17 @@ class AttributesConfig(StrictModel):
         return self
 
 
+class InstancesConfig(StrictModel):
+    """``task: instance``: where the objects come from; each object's class is the mask's label under it."""
+
+    source: Literal["components", "column"] = Field(
+        "components", description="components: connected components of each class of the mask; column: a manifest "
+                                  "column holding instance-label maps (one integer per object, 0 = none)")
+    column: str = Field("instances", description="source=column: the manifest column of the instance-label maps")
+    connectivity: Literal[1, 2, 3] = Field(1, description="components: 1 = faces, 2 = and edges, 3 = and corners")
+    min_size: int = Field(1, ge=1, description="objects with fewer voxels are not objects (noise, annotation specks)")
+
+
 class DataConfig(StrictModel):
     """Where the cases are and how they become batches."""
 
@@ -173,6 +184,12 @@ class DataConfig(StrictModel):
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     cache_dir: Path | None = Field(None, description="preprocessing cache; null: $MEDSEG_CACHE_DIR or ./.medseg_cache")
     attributes: AttributesConfig | None = Field(None, description="attributes from a table and from case ids")
+    instances: InstancesConfig | None = Field(None, description="task: instance: where the objects come from")
+
+    @property
+    def file_columns(self) -> list[str]:
+        """Manifest columns of further files a case needs (instance-label maps)."""
+        return [self.instances.column] if self.instances is not None and self.instances.source == "column" else []
 
     @model_validator(mode="after")
     def _check_labels(self) -> DataConfig:
@@ -204,6 +221,11 @@ class ModelConfig(StrictModel):
     )
     encoder_freeze_epochs: int = Field(0, ge=0, description="epochs with a frozen encoder (BatchNorm statistics too)")
     encoder_lr_multiplier: float = Field(1.0, gt=0, description="encoder learning rate = lr x this")
+    anchor_sizes: list[int] | None = Field(
+        None, description="mask_rcnn: anchor size (pixels) per pyramid level (5); null: from the training objects")
+    fpn_channels: int = Field(256, ge=8, description="mask_rcnn: feature pyramid width")
+    detections_per_image: int = Field(100, ge=1, description="mask_rcnn: most objects kept per slice")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="mask_rcnn: detections below this score are dropped")
 
 
 class LossConfig(StrictModel):
@@ -325,6 +347,8 @@ class ExperimentConfig(StrictModel):
     name: str = Field(description="experiment name (the MLflow experiment)")
     description: str = ""
     seed: int = 42
+    task: Literal["semantic", "instance"] = Field(
+        "semantic", description="semantic: a label per pixel; instance: separate objects (arch: mask_rcnn)")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -335,3 +359,14 @@ class ExperimentConfig(StrictModel):
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @model_validator(mode="after")
+    def _check_task(self) -> ExperimentConfig:
+        if (self.task == "instance") != (self.model.arch == "mask_rcnn"):
+            raise ValueError(f"task {self.task!r} with model.arch {self.model.arch!r}: instance segmentation uses "
+                             "arch mask_rcnn, semantic segmentation a decoder (unet, fcn, segnet)")
+        if self.task == "instance" and self.data.instances is None:
+            self.data.instances = InstancesConfig()
+        if self.task == "instance" and self.data.preprocessing.target_size is None:
+            raise ValueError("task 'instance' needs data.preprocessing.target_size (Mask R-CNN's image size)")
+        return self

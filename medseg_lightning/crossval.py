@@ -54,7 +54,8 @@ def check_crossval_config(config: ExperimentConfig) -> None:
 
 def load_cohort(config: ExperimentConfig) -> list[Case]:
     """The experiment's cases with their attributes (no images are read)."""
-    cases = load_cases(config.data.source, config.data.image_columns, config.data.mask_column)
+    cases = load_cases(config.data.source, config.data.image_columns, config.data.mask_column,
+                       config.data.file_columns)
     if config.data.attributes is not None:
         apply_attributes(cases, config.data.attributes)  # problems stop the training runs, with the full list
     return cases

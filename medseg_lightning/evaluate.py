@@ -116,7 +116,10 @@ def evaluation_config(data: ExperimentConfig, model: ExperimentConfig) -> Experi
         raise ValueError(f"the model predicts {model.data.num_classes} classes {model.data.labels}, the data has "
                          f"{data.data.num_classes} {data.data.labels}")
     fields = {"preprocessing": model.data.preprocessing, "slicing": model.data.slicing, "labels": model.data.labels}
-    return data.model_copy(update={"data": data.data.model_copy(update=fields)})
+    if model.task == "instance":  # the objects are scored as the model was trained to find them
+        fields["instances"] = data.data.instances or model.data.instances
+    return data.model_copy(update={"data": data.data.model_copy(update=fields), "task": model.task,
+                                   "model": model.model})
 
 
 @dataclass
@@ -147,8 +150,14 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
         counts = ", ".join(f"{name} {count}" for name, count in datamodule.split_counts().items())
         raise ValueError(f"split {split!r} has no cases ({counts}); check data.split or pass --split")
     with evaluation_run(config, root, model_spec, split, datamodule.dataset.fingerprint) as (client, run_id):
-        network = prepare_for_inference(bundle.network)  # the same logits, faster (see models/inference.py)
-        report = evaluate_cases(network, CaseDataset(cases, config.data.slicing.context), split, config)
+        dataset = CaseDataset(cases, config.data.slicing.context)
+        if config.task == "instance":
+            from medseg_lightning.lit_instance import evaluate_instance_cases
+
+            report = evaluate_instance_cases(bundle.network, dataset, split, config)
+        else:
+            network = prepare_for_inference(bundle.network)  # the same logits, faster (see models/inference.py)
+            report = evaluate_cases(network, dataset, split, config)
         log_metrics(client, run_id, report.metrics())
         context = RunContext(
             config=config, kind="evaluation", run_id=run_id, root=root, split_counts=datamodule.split_counts(),

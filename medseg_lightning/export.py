@@ -63,6 +63,9 @@ def export_onnx(
     """
     model = bundle.config.model
     name = f"{model.arch}/{model.encoder}"
+    if bundle.config.task == "instance":
+        raise ValueError(f"cannot export {name} to ONNX: only semantic models are exported (Mask R-CNN's variable "
+                         "number of detections has no fixed output); serve it with mlflow models serve instead")
     rows, cols = image_size or bundle.config.data.preprocessing.target_size or DEFAULT_SIZE
     size = (int(rows), int(cols))
     missing = [package for package in ("onnx", "onnxscript") if importlib.util.find_spec(package) is None]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,8 +35,28 @@ class ModelBundle:
 def build_network(config: ExperimentConfig, in_channels: int, pretrained: bool = False) -> nn.Module:
     """The network an experiment describes, for ``in_channels`` inputs (modalities x 2.5D slices)."""
     model = config.model
+    if config.task == "instance":
+        from medseg_lightning.models.mask_rcnn import create_mask_rcnn
+
+        return create_mask_rcnn(model.encoder, in_channels, config.data.num_classes,
+                                config.data.preprocessing.target_size or (64, 64), model.anchor_sizes,
+                                pretrained=pretrained, fpn_channels=model.fpn_channels,
+                                detections_per_image=model.detections_per_image,
+                                score_threshold=model.score_threshold)
     return create_model(model.arch, model.encoder, in_channels, config.data.num_classes, pretrained=pretrained,
                         decoder_channels=model.decoder_channels, size_mismatch=model.size_mismatch)
+
+
+def predict_slices(network: nn.Module, config: ExperimentConfig, slices: torch.Tensor) -> np.ndarray:
+    """What the logged model returns for preprocessed slices ``(N, C, H, W)``: labels ``(N, H, W)`` uint8, or for
+    instance models an instance-label map per slice (int32, ids unique within the call)."""
+    if config.task == "instance":
+        from medseg_lightning.instance_inference import detect_slices, paint_slices
+
+        detections = detect_slices(network, slices, max(1, len(slices)))
+        return paint_slices(detections, tuple(slices.shape[-2:]), config.model.score_threshold).ids
+    with torch.no_grad():
+        return network(slices).argmax(1).to(torch.uint8).numpy()
 
 
 def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, folder: Path) -> Path:

@@ -33,6 +33,7 @@ from medseg_lightning.data.io import (
     strip_suffix,
 )
 from medseg_lightning.data.preprocess import restore_volume
+from medseg_lightning.instance_metrics import Objects
 from medseg_lightning.model_io import ModelBundle
 from medseg_lightning.models.inference import prepare_for_inference
 
@@ -114,6 +115,7 @@ class Predictor:
         self.config = first
         self.in_channels = bundles[0].in_channels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        optimize = optimize and first.task == "semantic"  # Mask R-CNN's RoI heads stay as torchvision made them
         self.memory_format = torch.channels_last if optimize else torch.contiguous_format
         self.networks = [(prepare_for_inference(bundle.network) if optimize else bundle.network.eval()).to(self.device)
                          for bundle in bundles]
@@ -121,6 +123,9 @@ class Predictor:
         chosen = first.inference.largest_component if largest_component is None else largest_component
         self.keep_largest = _classes_to_clean(chosen, first.data.labels)
         self.batch_size = batch_size or first.trainer.inference_batch_size
+        self.instance = first.task == "instance"
+        if self.instance and (len(bundles) > 1 or self.tta):
+            raise ValueError("instance models (Mask R-CNN) predict alone: no --tta and no ensemble of several --model")
 
     @property
     def modalities(self) -> int:
@@ -128,6 +133,22 @@ class Predictor:
 
     def segment(self, volume: Volume, name: str) -> np.ndarray:
         """Labels ``(X, Y, Z)`` (uint8) in the volume's canonical voxel grid."""
+        slices, meta = self._slices(volume, name)
+        prediction = restore_volume(self.labels(slices).numpy(), meta)
+        return keep_largest_components(prediction, self.keep_largest)
+
+    def objects(self, volume: Volume, name: str) -> Objects:
+        """Instance models: the objects in the volume's canonical voxel grid (ids, classes, scores)."""
+        from medseg_lightning.instance_inference import detect_slices, objects_from_detections
+
+        slices, meta = self._slices(volume, name)
+        detections = detect_slices(self.networks[0], slices.contiguous(memory_format=self.memory_format),
+                                   self.batch_size)
+        found = objects_from_detections(detections, tuple(slices.shape[-2:]), self.config.model.score_threshold)
+        return Objects(restore_volume(found.ids, meta), found.classes, found.scores)
+
+    def _slices(self, volume: Volume, name: str) -> tuple[torch.Tensor, dict]:
+        """The case's preprocessed (2.5D) slices, as in training, and the geometry to put predictions back."""
         channels = volume.array.shape[0]
         context = self.config.data.slicing.context
         if channels * (2 * context + 1) != self.in_channels:
@@ -135,9 +156,7 @@ class Predictor:
                             f"({', '.join(self.config.data.image_columns)})")
         slices, _, _, meta = preprocess_case(volume, None, self.config.data)
         stacked = stack_context(slices, np.arange(len(slices)), context)
-        labels = self.labels(torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)))
-        prediction = restore_volume(labels.numpy(), meta)
-        return keep_largest_components(prediction, self.keep_largest)
+        return torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)), meta
 
     @torch.inference_mode()
     def labels(self, slices: torch.Tensor) -> torch.Tensor:
@@ -230,16 +249,24 @@ def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overla
     """Segments one case and writes its mask (and overlay) atomically."""
     started = time.perf_counter()
     volume, reference = load_input(case)
-    labels = predictor.segment(volume, case.name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if predictor.instance:
+        from medseg_lightning.predict_instances import write_objects
+
+        objects = predictor.objects(volume, case.name)
+        mask_path, labels = write_objects(objects, case, volume, reference, predictor.config, out_dir)
+        overlay_path = _write_overlay(volume, labels, predictor, out_dir / f"{case.name}_overlay.png") if overlay \
+            else None
+        return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
+    labels = predictor.segment(volume, case.name)
     if case.kind == "slices":
         mask_path = _write_slice_masks(labels, case.paths[0], predictor.config.data.label_mapping, out_dir)
     elif reference is None:
         mask_path = out_dir / f"{case.name}.png"
-        _atomic_png(labels[:, :, 0], mask_path)
+        atomic_png(labels[:, :, 0], mask_path)
     else:
         mask_path = out_dir / f"{case.name}.nii.gz"
-        _atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, mask_path)
+        atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, mask_path)
     overlay_path = _write_overlay(volume, labels, predictor, out_dir / f"{case.name}_overlay.png") if overlay else None
     return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
 
@@ -256,34 +283,36 @@ def _write_slice_masks(labels: np.ndarray, folder: Path, mapping: dict[int, int]
             inverse[label] = value
     for index, number in enumerate(sorted(images)):
         path = out_dir / f"{strip_suffix(images[number].name)}_pred.png"
-        _atomic_png(inverse[labels[:, :, index]].astype(np.uint8), path)
+        atomic_png(inverse[labels[:, :, index]].astype(np.uint8), path)
     return out_dir / f"{strip_suffix(images[min(images)].name)}_pred.png"
 
 
 def to_reference_orientation(labels: np.ndarray, canonical_affine: np.ndarray,
-                             reference: nib.Nifti1Image) -> np.ndarray:
+                             reference: nib.Nifti1Image, dtype: type = np.uint8) -> np.ndarray:
     """Labels from the canonical (RAS) voxel order back to the input file's own voxel order."""
     transform = nib.orientations.ornt_transform(nib.io_orientation(canonical_affine),
                                                 nib.io_orientation(reference.affine))
-    return nib.orientations.apply_orientation(labels, transform).astype(np.uint8)
+    return nib.orientations.apply_orientation(labels, transform).astype(dtype)
 
 
-def _atomic_nifti(labels: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+def atomic_nifti(labels: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype: type = np.uint8) -> None:
+    """``labels`` with the reference image's affine and header (a label-map intent), written atomically."""
     header = reference.header.copy() if isinstance(reference, nib.Nifti1Image) else None
-    image = nib.Nifti1Image(labels, reference.affine, header=header)
-    image.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(labels.astype(dtype), reference.affine, header=header)
+    image.set_data_dtype(dtype)
     image.header.set_slope_inter(1, 0)
     image.header.set_intent("label")  # viewers then show the values as a label map
-    _atomic(path, lambda temporary: nib.save(image, str(temporary)))
+    atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
 
 
-def _atomic_png(labels: np.ndarray, path: Path) -> None:
+def atomic_png(labels: np.ndarray, path: Path, dtype: type = np.uint8) -> None:
+    """A label PNG (8-bit, or 16-bit for instance ids), written atomically."""
     from PIL import Image
 
-    _atomic(path, lambda temporary: Image.fromarray(labels.astype(np.uint8)).save(temporary, format="PNG"))
+    atomic_write(path, lambda temporary: Image.fromarray(labels.astype(dtype)).save(temporary, format="PNG"))
 
 
-def _atomic(path: Path, write: object) -> None:
+def atomic_write(path: Path, write: object) -> None:
     """Writes through a temporary file in the same folder, then renames: readers never see half a file."""
     suffix = "".join(path.suffixes)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)

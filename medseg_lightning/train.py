@@ -24,7 +24,7 @@ from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.evaluate import SPLITS, RunContext, write_outputs
 from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.losses import create_loss
-from medseg_lightning.model_io import build_network, save_bundle
+from medseg_lightning.model_io import build_network, predict_slices, save_bundle
 from medseg_lightning.scoring import split_group_counts
 from medseg_lightning.sweep.trial import PruningCallback, trial_link, write_result
 from medseg_lightning.transfer import load_pretrained
@@ -62,19 +62,13 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")  # checks every case first: bad data fails here, before any model is built
+    if config.task == "instance":
+        config = with_anchor_sizes(config, datamodule)  # logged with the model, which is rebuilt from it
     network = build_network(config, datamodule.in_channels, pretrained=config.model.pretrained == "timm")
     report = load_pretrained(network, config.model.pretrained, root)
     if report:
         print(report)
-    module = SegmentationModule(
-        network, create_loss(config.loss.name, config.data.num_classes, class_weights=config.loss.class_weights,
-                             **config.loss.params),
-        labels=config.data.labels, optimizer=config.optimizer,
-        encoder_freeze_epochs=config.model.encoder_freeze_epochs,
-        encoder_lr_multiplier=config.model.encoder_lr_multiplier,
-        inference_batch_size=config.trainer.inference_batch_size, overlay_cases=config.tracking.log_overlays,
-        fairness=config.fairness, channels_last=config.trainer.channels_last,
-    )
+    module = _module(config, network)
     logger = tracking.create_logger(config, root, resume_run_id=resume)
     checkpoints = root / "mlruns" / "checkpoints" / logger.run_id if logger.run_id else None
     checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor=config.trainer.monitor, mode=config.trainer.monitor_mode,
@@ -104,6 +98,36 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
             write_result(link, result.run_id, metrics, pruning.pruned_at, trainer.current_epoch)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _module(config: ExperimentConfig, network: torch.nn.Module) -> SegmentationModule:
+    """The LightningModule of the task: semantic (a loss over label maps) or instance (Mask R-CNN's losses)."""
+    shared = {"labels": config.data.labels, "optimizer": config.optimizer, "fairness": config.fairness,
+              "encoder_freeze_epochs": config.model.encoder_freeze_epochs,
+              "encoder_lr_multiplier": config.model.encoder_lr_multiplier,
+              "inference_batch_size": config.trainer.inference_batch_size}
+    if config.task == "instance":
+        from medseg_lightning.lit_instance import InstanceModule
+
+        return InstanceModule(network, score_threshold=config.model.score_threshold, **shared)
+    loss = create_loss(config.loss.name, config.data.num_classes, class_weights=config.loss.class_weights,
+                       **config.loss.params)
+    return SegmentationModule(network, loss, overlay_cases=config.tracking.log_overlays,
+                              channels_last=config.trainer.channels_last, **shared)
+
+
+def with_anchor_sizes(config: ExperimentConfig, datamodule: SegmentationDataModule) -> ExperimentConfig:
+    """``model.anchor_sizes`` as configured, else spanning the training objects' sizes (see ``anchor_sizes_for``)."""
+    if config.model.anchor_sizes:
+        return config
+    from medseg_lightning.data.instances import box_sides
+    from medseg_lightning.models.mask_rcnn import anchor_sizes_for
+
+    cases = datamodule.dataset.split("train")
+    sides = box_sides([case.instances for case in cases if case.instances is not None])
+    sizes = anchor_sizes_for(sides, config.data.preprocessing.target_size or (64, 64))
+    print(f"anchor sizes from {len(sides)} training objects: {sizes} pixels")
+    return config.model_copy(update={"model": config.model.model_copy(update={"anchor_sizes": sizes})})
 
 
 def _quiet_library_chatter() -> None:
@@ -178,8 +202,7 @@ def _log_outputs(logger: Any, module: SegmentationModule, datamodule: Segmentati
         network = module.network.cpu().eval().to(memory_format=torch.contiguous_format)
         bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle")
         example = _example_input(datamodule)
-        with torch.no_grad():
-            prediction = network(torch.from_numpy(example)).argmax(1).to(torch.uint8).numpy()
+        prediction = predict_slices(network, config, torch.from_numpy(example))
         return tracking.log_model(logger, bundle, example, prediction)
 
 

@@ -21,9 +21,16 @@ from typing import Any
 import numpy as np
 
 from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.data.instances import instance_map
 from medseg_lightning.data.io import DataError, is_supported, read_image, read_mask
 from medseg_lightning.data.manifest import Case
-from medseg_lightning.data.preprocess import InPlaneGeometry, fit_in_plane, normalize_intensity, to_slices
+from medseg_lightning.data.preprocess import (
+    InPlaneGeometry,
+    fit_in_plane,
+    fit_labels_in_plane,
+    normalize_intensity,
+    to_slices,
+)
 from medseg_lightning.data.validate import Problem, check_image, check_mask, map_labels
 
 CACHE_VERSION = 2
@@ -45,6 +52,7 @@ def settings_digest(config: DataConfig) -> str:
         "axis": config.slicing.axis,
         "labels": {str(k): v for k, v in config.labels.items()},
         "label_mapping": {str(k): v for k, v in config.label_mapping.items()},
+        **({"instances": config.instances.model_dump(mode="json")} if config.instances is not None else {}),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -59,6 +67,7 @@ class PreparedCase:
         meta: geometry (``shape``, ``affine``, ``spacing``, ``axis``, ``in_plane``) and statistics.
         native_mask: ``(X, Y, Z)`` uint8 labels in the original (canonical) voxel grid: the ground truth that
             case-level metrics compare re-stacked predictions with, untouched by resizing or cropping.
+        instances, native_instances: the same for object ids (uint16), for instance segmentation.
     """
 
     case: Case
@@ -66,6 +75,8 @@ class PreparedCase:
     mask: np.ndarray | None
     meta: dict[str, Any]
     native_mask: np.ndarray | None = None
+    instances: np.ndarray | None = None
+    native_instances: np.ndarray | None = None
 
     @property
     def in_plane(self) -> InPlaneGeometry:
@@ -126,7 +137,7 @@ class PreprocessCache:
 
     def case_key(self, case: Case) -> str:
         """Digest of the settings and the content of the case's files."""
-        paths = [*case.image_paths, *([case.mask_path] if case.mask_path else [])]
+        paths = [*case.image_paths, *([case.mask_path] if case.mask_path else []), *case.files.values()]
         missing = [str(path) for path in paths if not path.is_file() and not path.is_dir()]
         if missing:
             raise DataError(f"{missing[0]}: file not found")
@@ -165,8 +176,17 @@ class PreprocessCache:
         if problems:
             return None, problems
         image_slices, mask_slices, native, meta = preprocess_case(image, mask, self.config)
+        objects: dict[str, np.ndarray] = {}
+        if self.config.instances is not None and native is not None:
+            native_instances, problems = instance_map(case, native, self.config.instances)
+            if native_instances is None:
+                return None, problems
+            slices = to_slices(native_instances, self.config.slicing.axis, channels_first=False)
+            objects = {"instances": fit_labels_in_plane(slices, InPlaneGeometry.from_dict(meta["in_plane"])),
+                       "native_instances": native_instances}
+            meta["objects"] = int(native_instances.max())
         meta.update(case_id=case.case_id, key=key)
-        _write_entry(entry, image_slices, mask_slices, native, meta)
+        _write_entry(entry, image_slices, mask_slices, native, meta, objects)
         return load_entry(case, entry), []
 
 
@@ -219,7 +239,8 @@ def _label_counts(labels: np.ndarray, n_classes: int) -> dict[str, int]:
 
 
 def _write_entry(
-    entry: Path, image: np.ndarray, mask: np.ndarray | None, native_mask: np.ndarray | None, meta: dict[str, Any]
+    entry: Path, image: np.ndarray, mask: np.ndarray | None, native_mask: np.ndarray | None, meta: dict[str, Any],
+    objects: dict[str, np.ndarray] | None = None,
 ) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
@@ -228,6 +249,8 @@ def _write_entry(
         if mask is not None and native_mask is not None:
             np.save(tmp / "mask.npy", np.ascontiguousarray(mask, dtype=np.uint8))
             np.save(tmp / "native_mask.npy", np.ascontiguousarray(native_mask, dtype=np.uint8))
+        for name, array in (objects or {}).items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array, dtype=np.uint16))
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, entry)
     except OSError:
@@ -263,4 +286,6 @@ def load_entry(case: Case, entry: Path) -> PreparedCase:
     if (entry / "mask.npy").is_file():
         mask = _open_map(entry / "mask.npy")
         native = _open_map(entry / "native_mask.npy")
-    return PreparedCase(case=case, image=image, mask=mask, meta=meta, native_mask=native)
+    objects = {name: _open_map(entry / f"{name}.npy") for name in ("instances", "native_instances")
+               if (entry / f"{name}.npy").is_file()}
+    return PreparedCase(case=case, image=image, mask=mask, meta=meta, native_mask=native, **objects)

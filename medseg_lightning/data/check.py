@@ -50,7 +50,7 @@ class PreparedDataset:
 def prepare_dataset(config: DataConfig, cache_dir: Path | None = None, workers: int = 4) -> PreparedDataset:
     """Checks every case and prepares the valid ones into the cache; never raises for data problems."""
     try:
-        cases = load_cases(config.source, config.image_columns, config.mask_column)
+        cases = load_cases(config.source, config.image_columns, config.mask_column, config.file_columns)
     except ManifestError as error:
         return PreparedDataset([], {}, {}, [Problem(str(error))])
     problems = _duplicate_ids(cases)

@@ -58,15 +58,22 @@ class SliceDataset(Dataset):
         else:
             image = case.image[slice_index]
         mask = np.asarray(case.mask[slice_index]) if case.mask is not None else np.zeros(image.shape[1:], np.uint8)
-        if self.augment is not None:
+        instances = None if case.instances is None else np.asarray(case.instances[slice_index])
+        if self.augment is not None and instances is not None:  # one transform moves labels and objects alike
+            image, both = self.augment(image, np.stack([mask, instances], axis=-1).astype(np.uint16))
+            mask, instances = both[..., 0], both[..., 1]
+        elif self.augment is not None:
             image, mask = self.augment(image, mask)
-        return {
+        item = {
             "image": torch.from_numpy(np.array(image, dtype=np.float32)),  # a copy: cache maps are read-only
             "mask": torch.from_numpy(np.asarray(mask).astype(np.int64)),
             "case_id": case.case.case_id,
             "slice_index": slice_index,
             "attributes": _attributes(case, self.attribute_names),
         }
+        if instances is not None:
+            item["instances"] = torch.from_numpy(np.asarray(instances).astype(np.int64))
+        return item
 
 
 class CaseDataset(Dataset):
@@ -93,6 +100,8 @@ class CaseDataset(Dataset):
         if case.mask is not None and case.native_mask is not None:
             result["mask"] = torch.from_numpy(np.asarray(case.mask).astype(np.int64))
             result["target"] = torch.from_numpy(np.array(case.native_mask))  # (X, Y, Z) original grid
+        if case.native_instances is not None:
+            result["target_instances"] = np.array(case.native_instances)  # (X, Y, Z) object ids, original grid
         return result
 
 

@@ -7,7 +7,7 @@ common folder layouts so users never have to.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ class Case:
     mask_path: Path | None
     subject_id: str
     attributes: dict[str, str | None] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # further file columns (instance-label maps)
 
     def attribute(self, name: str) -> str:
         """The attribute's value, ``unknown`` when blank (missing values form their own group)."""
@@ -40,7 +41,8 @@ class Case:
         return UNKNOWN if value is None else value
 
 
-def read_manifest(path: Path, image_columns: list[str], mask_column: str | None = "mask") -> list[Case]:
+def read_manifest(path: Path, image_columns: list[str], mask_column: str | None = "mask",
+                  file_columns: Sequence[str] = ()) -> list[Case]:
     """Reads a manifest CSV; ``mask_column=None`` reads image-only manifests (prediction)."""
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -48,14 +50,15 @@ def read_manifest(path: Path, image_columns: list[str], mask_column: str | None 
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as error:
         raise ManifestError(f"{path}: not a readable CSV ({error})") from None
-    return cases_from_table(table, path.parent, image_columns, mask_column, label=str(path))
+    return cases_from_table(table, path.parent, image_columns, mask_column, label=str(path), file_columns=file_columns)
 
 
 def cases_from_table(
-    table: pd.DataFrame, root: Path, image_columns: list[str], mask_column: str | None, label: str
+    table: pd.DataFrame, root: Path, image_columns: list[str], mask_column: str | None, label: str,
+    file_columns: Sequence[str] = (),
 ) -> list[Case]:
-    """Turns manifest rows into cases, resolving paths against ``root``."""
-    required = ["case_id", *image_columns, *([mask_column] if mask_column else [])]
+    """Turns manifest rows into cases, resolving paths against ``root``; ``file_columns`` are further files."""
+    required = ["case_id", *image_columns, *([mask_column] if mask_column else []), *file_columns]
     missing = [column for column in required if column not in table.columns]
     if missing:
         raise ManifestError(f"{label}: missing column(s) {missing}; the manifest has {list(table.columns)}")
@@ -75,19 +78,22 @@ def cases_from_table(
                 mask_path=root / mask if mask else None,
                 subject_id=subject,
                 attributes={column: (str(row[column]).strip() or None) for column in attribute_columns},
+                files={column: root / str(row[column]).strip() for column in file_columns},
             )
         )
     return cases
 
 
-def load_cases(source: Path, image_columns: list[str], mask_column: str | None = "mask") -> list[Case]:
+def load_cases(source: Path, image_columns: list[str], mask_column: str | None = "mask",
+               file_columns: Sequence[str] = ()) -> list[Case]:
     """Cases from a manifest CSV, or from a dataset folder whose manifest is built on the fly."""
     if source.is_dir():
         manifest = source / "manifest.csv"
         if manifest.is_file():
-            return read_manifest(manifest, image_columns, mask_column)
-        return cases_from_table(build_manifest(source), source, image_columns, mask_column, label=str(source))
-    return read_manifest(source, image_columns, mask_column)
+            return read_manifest(manifest, image_columns, mask_column, file_columns)
+        return cases_from_table(build_manifest(source), source, image_columns, mask_column, label=str(source),
+                                file_columns=file_columns)
+    return read_manifest(source, image_columns, mask_column, file_columns)
 
 
 LAYOUTS: Registry[Callable[[Path], pd.DataFrame | None]] = Registry("dataset layout")

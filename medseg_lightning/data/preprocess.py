@@ -133,6 +133,15 @@ def fit_in_plane(
     return image, mask, InPlaneGeometry(source, target, mode)
 
 
+def fit_labels_in_plane(labels: np.ndarray, geometry: InPlaneGeometry) -> np.ndarray:
+    """Label slices ``(S, H, W)`` brought to the size ``fit_in_plane`` gave the image (nearest neighbour)."""
+    if geometry.mode == "none":
+        return labels
+    if geometry.mode == "resize":
+        return _resize(labels, geometry.target, nearest=True)
+    return _pad_crop(labels, geometry.target, 0)
+
+
 def restore_in_plane(array: np.ndarray, geometry: InPlaneGeometry, nearest: bool = True) -> np.ndarray:
     """Maps ``(..., H, W)`` predictions back to the source in-plane size (cropped parts come back as zeros)."""
     if geometry.mode == "none":

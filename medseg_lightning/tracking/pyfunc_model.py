@@ -2,7 +2,8 @@
 
 ``load_context`` rebuilds the network from the logged bundle (config YAML + safetensors weights), so loading a
 model never unpickles code. ``predict`` takes preprocessed slices ``(N, C, H, W)`` float32 and returns labels
-``(N, H, W)`` uint8; with ``params={"output": "probabilities"}`` it returns ``(N, K, H, W)`` float32.
+``(N, H, W)`` uint8; with ``params={"output": "probabilities"}`` it returns ``(N, K, H, W)`` float32. Instance
+models (Mask R-CNN) return an instance-label map per slice, ``(N, H, W)`` int32 (0 = no object).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class SegmentationPyfunc(PythonModel):
 
     def predict(self, context, model_input, params=None):
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        if self.bundle.config.task == "instance":  # an instance-label map per slice
+            from medseg_lightning.model_io import predict_slices
+
+            return predict_slices(self.bundle.network, self.bundle.config, batch)
         with torch.no_grad():
             probabilities = torch.softmax(self.bundle.network(batch), dim=1)
         if (params or {}).get("output") == "probabilities":

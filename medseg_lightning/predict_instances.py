@@ -1,0 +1,50 @@
+"""``medseg predict`` outputs of instance models: an instance-label map and a table of the objects.
+
+The map has the input's geometry like a semantic mask (NIfTI with its affine and header, 16-bit PNG for 2D
+images, one 16-bit PNG per slice for slice folders), but each object has its own integer (0 = none). The table
+``<case>_objects.csv`` has one row per object: its class, score, size in voxels (and ml when the spacing is
+known), centroid and bounding box in the input's voxel indices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.data.io import Volume, strip_suffix
+from medseg_lightning.instance_inference import object_table, semantic_labels
+from medseg_lightning.instance_metrics import Objects
+from medseg_lightning.predict import PredictInput, atomic_nifti, atomic_png, atomic_write, to_reference_orientation
+
+
+def write_objects(objects: Objects, case: PredictInput, volume: Volume, reference: nib.Nifti1Image | None,
+                  config: ExperimentConfig, out_dir: Path) -> tuple[Path, np.ndarray]:
+    """Writes the instance map and the object table; returns the map's path and the merged label map."""
+    ids = objects.ids.astype(np.uint16)
+    if case.kind == "slices":
+        path = _write_slice_maps(ids, case.paths[0], out_dir)
+    elif reference is None:
+        path = out_dir / f"{case.name}.png"
+        atomic_png(ids[:, :, 0], path, np.uint16)
+    else:
+        path = out_dir / f"{case.name}.nii.gz"
+        ids = to_reference_orientation(ids, volume.affine, reference, np.uint16)
+        atomic_nifti(ids, reference, path, np.uint16)
+    oriented = Objects(ids, objects.classes, objects.scores)
+    table = pd.DataFrame(object_table(oriented, tuple(volume.spacing), volume.spacing_known, config.data.labels))
+    atomic_write(out_dir / f"{case.name}_objects.csv", lambda temporary: table.to_csv(temporary, index=False))
+    return path, semantic_labels(objects)
+
+
+def _write_slice_maps(ids: np.ndarray, folder: Path, out_dir: Path) -> Path:
+    """One ``<slice stem>_instances.png`` (16-bit object ids) per input slice."""
+    from medseg_lightning.data.slices import slice_files
+
+    images, _ = slice_files(folder)
+    for index, number in enumerate(sorted(images)):
+        atomic_png(ids[:, :, index], out_dir / f"{strip_suffix(images[number].name)}_instances.png", np.uint16)
+    return out_dir / f"{strip_suffix(images[min(images)].name)}_instances.png"
