@@ -168,7 +168,7 @@ def _predict(args: argparse.Namespace) -> int:
     root = tracking.project_root(Path.cwd())
     predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
                           largest_component=args.largest_component or None, batch_size=args.batch_size,
-                          device=args.device)
+                          device=args.device, min_score=args.min_score)
     cases = discover_inputs(args.inputs, predictor.modalities)
     failed = 0
     for case in tqdm(cases, desc="segmenting", unit="case", disable=len(cases) < 2):
@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     predict.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    predict.add_argument("--min-score", type=float,
+                         help="instance models: keep objects from this detection score on (default: the model's)")
     predict.set_defaults(handler=_predict)
 
     promote = verbs.add_parser("promote", help="register a run's model in the MLflow Model Registry, behind gates")

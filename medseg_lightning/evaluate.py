@@ -118,6 +118,7 @@ def evaluation_config(data: ExperimentConfig, model: ExperimentConfig) -> Experi
     fields = {"preprocessing": model.data.preprocessing, "slicing": model.data.slicing, "labels": model.data.labels}
     if model.task == "instance":  # the objects are scored as the model was trained to find them
         fields["instances"] = data.data.instances or model.data.instances
+    # a semantic model on instance data keeps data.instances: its objects are then its connected components
     return data.model_copy(update={"data": data.data.model_copy(update=fields), "task": model.task,
                                    "model": model.model})
 
@@ -151,7 +152,7 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
         raise ValueError(f"split {split!r} has no cases ({counts}); check data.split or pass --split")
     with evaluation_run(config, root, model_spec, split, datamodule.dataset.fingerprint) as (client, run_id):
         dataset = CaseDataset(cases, config.data.slicing.context)
-        if config.task == "instance":
+        if config.task == "instance" or config.data.instances is not None:
             from medseg_lightning.lit_instance import evaluate_instance_cases
 
             report = evaluate_instance_cases(bundle.network, dataset, split, config)

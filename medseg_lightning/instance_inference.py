@@ -17,6 +17,8 @@ from torch import nn
 from medseg_lightning.instance_metrics import Objects, iou_matrix
 
 LINK_IOU = 0.25
+OBJECT_COLUMNS = ("object", "class", "score", "voxels", "volume_ml", "centroid_x", "centroid_y", "centroid_z",
+                  "bbox_x", "bbox_y", "bbox_z")
 
 
 @torch.inference_mode()

@@ -16,13 +16,13 @@ import torch
 from torchvision.ops import masks_to_boxes
 
 from medseg_lightning.config_schema import ExperimentConfig, FairnessConfig, OptimizerConfig
-from medseg_lightning.data.instances import object_classes
+from medseg_lightning.data.instances import components, object_classes
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.instance_inference import detect_slices, objects_from_detections, semantic_labels
 from medseg_lightning.instance_metrics import MaskAP, Objects, panoptic
 from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.models.mask_rcnn import InstanceSegmentationModel
-from medseg_lightning.scoring import EvaluationReport, score_case, summarize
+from medseg_lightning.scoring import EvaluationReport, predict_labels, score_case, summarize
 
 
 class InstanceModule(SegmentationModule):
@@ -110,15 +110,36 @@ def score_instance_case(network: InstanceSegmentationModel, item: dict[str, Any]
     return row, predicted, true
 
 
-def evaluate_instance_cases(network: InstanceSegmentationModel, items: Iterable[dict[str, Any]], split: str,
+def score_components_case(network: torch.nn.Module, item: dict[str, Any], labels: dict[int, str], batch_size: int,
+                          connectivity: int) -> tuple[dict[str, Any], Objects, Objects]:
+    """A semantic model's row on instance data: its objects are the connected components of its label map (the
+    usual way to get objects from a U-Net), so they can be compared with an instance model's."""
+    slices = predict_labels(network, item["image"], batch_size)
+    row = score_case(item, slices, labels)
+    native = restore_volume(slices, item["meta"])
+    ids = components(native, connectivity)
+    predicted = Objects(ids, object_classes(ids, native))
+    target = np.asarray(item["target"])
+    true_ids = np.asarray(item["target_instances"])
+    true = Objects(true_ids, object_classes(true_ids, target))
+    row |= {f"instance/{key}": value for key, value in panoptic(predicted, true).items()}
+    return row, predicted, true
+
+
+def evaluate_instance_cases(network: torch.nn.Module, items: Iterable[dict[str, Any]], split: str,
                             config: ExperimentConfig) -> EvaluationReport:
-    """``medseg evaluate`` of an instance model: every case's row, then the summary with intervals and mask AP."""
+    """``medseg evaluate`` on instance data: every case's row, then the summary with intervals and mask AP.
+    An instance model's objects are its detections; a semantic model's, the connected components of its labels."""
     from tqdm.auto import tqdm
 
     accumulator, rows = MaskAP(), []
+    labels, batch = dict(config.data.labels), config.trainer.inference_batch_size
     for item in tqdm(items, desc=f"evaluating {split}", unit="case"):
-        row, predicted, true = score_instance_case(network, item, dict(config.data.labels),
-                                                   config.trainer.inference_batch_size, config.model.score_threshold)
+        if config.task == "instance":
+            row, predicted, true = score_instance_case(network, item, labels, batch, config.model.score_threshold)
+        else:
+            connectivity = config.data.instances.connectivity if config.data.instances else 1
+            row, predicted, true = score_components_case(network, item, labels, batch, connectivity)
         rows.append(row)
         accumulator.update(predicted, true)
     classes = [name for key, name in sorted(config.data.labels.items()) if key > 0]

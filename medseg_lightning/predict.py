@@ -106,9 +106,11 @@ class Predictor:
     """One model or an ensemble (probabilities averaged), with optional flip test-time augmentation."""
 
     def __init__(self, bundles: list[ModelBundle], tta: bool | None = None, largest_component: bool | None = None,
-                 batch_size: int | None = None, device: str | None = None, optimize: bool = True) -> None:
+                 batch_size: int | None = None, device: str | None = None, optimize: bool = True,
+                 min_score: float | None = None) -> None:
         """``optimize``: run inference copies of the networks (BatchNorm folded, channels-last memory), which
-        compute the same output faster."""
+        compute the same output faster; ``min_score``: instance models keep detections from this score on
+        (default: the model's ``score_threshold``)."""
         first = bundles[0].config
         for bundle in bundles[1:]:
             _check_compatible(first, bundle)
@@ -126,6 +128,11 @@ class Predictor:
         self.instance = first.task == "instance"
         if self.instance and (len(bundles) > 1 or self.tta):
             raise ValueError("instance models (Mask R-CNN) predict alone: no --tta and no ensemble of several --model")
+        if min_score is not None and not self.instance:
+            raise ValueError("--min-score applies to instance models (Mask R-CNN) only")
+        self.min_score = first.model.score_threshold if min_score is None else min_score
+        if self.instance and min_score is not None:  # the detector drops low scores before its mask head
+            self.networks[0].detector.roi_heads.score_thresh = min_score
 
     @property
     def modalities(self) -> int:
@@ -144,7 +151,7 @@ class Predictor:
         slices, meta = self._slices(volume, name)
         detections = detect_slices(self.networks[0], slices.contiguous(memory_format=self.memory_format),
                                    self.batch_size)
-        found = objects_from_detections(detections, tuple(slices.shape[-2:]), self.config.model.score_threshold)
+        found = objects_from_detections(detections, tuple(slices.shape[-2:]), self.min_score)
         return Objects(restore_volume(found.ids, meta), found.classes, found.scores)
 
     def _slices(self, volume: Volume, name: str) -> tuple[torch.Tensor, dict]:

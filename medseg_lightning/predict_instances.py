@@ -16,7 +16,7 @@ import pandas as pd
 
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.data.io import Volume, strip_suffix
-from medseg_lightning.instance_inference import object_table, semantic_labels
+from medseg_lightning.instance_inference import OBJECT_COLUMNS, object_table, semantic_labels
 from medseg_lightning.instance_metrics import Objects
 from medseg_lightning.predict import PredictInput, atomic_nifti, atomic_png, atomic_write, to_reference_orientation
 
@@ -35,7 +35,9 @@ def write_objects(objects: Objects, case: PredictInput, volume: Volume, referenc
         ids = to_reference_orientation(ids, volume.affine, reference, np.uint16)
         atomic_nifti(ids, reference, path, np.uint16)
     oriented = Objects(ids, objects.classes, objects.scores)
-    table = pd.DataFrame(object_table(oriented, tuple(volume.spacing), volume.spacing_known, config.data.labels))
+    columns = [name for name in OBJECT_COLUMNS if volume.spacing_known or name != "volume_ml"]
+    table = pd.DataFrame(object_table(oriented, tuple(volume.spacing), volume.spacing_known, config.data.labels),
+                         columns=columns)
     atomic_write(out_dir / f"{case.name}_objects.csv", lambda temporary: table.to_csv(temporary, index=False))
     return path, semantic_labels(objects)
 
