@@ -60,6 +60,19 @@ def test_stratification_spreads_groups_over_folds() -> None:
         assert abs(val_sites[site] - count / 4) <= 1
 
 
+@pytest.mark.parametrize(("holdout", "fraction"), [("test", "val_fraction"), ("val", "test_fraction")])
+def test_a_carved_share_is_stratified_too(holdout: str, fraction: str) -> None:
+    """The validation share of holdout=test (and the fixed test share of holdout=val) spreads every group
+    alike: a share drawn from the first group only would validate on one site."""
+    cases = _cases(60, per_subject=1)
+    splits = assign_splits(cases, SplitConfig(n_folds=5, holdout=holdout, stratify_by="site", **{fraction: 0.3}))
+    carved = "val" if holdout == "test" else "test"
+    pool = [c for c in cases if splits[c.case_id] in ("train", carved)] if holdout == "test" else cases
+    share = Counter(c.attribute("site") for c in pool if splits[c.case_id] == carved)
+    for site, count in Counter(c.attribute("site") for c in pool).items():
+        assert abs(share[site] - 0.3 * count) <= 1, (site, share, count)
+
+
 def test_holdout_test_carves_validation_from_the_rest() -> None:
     counts = Counter(assign_splits(_cases(20, 1), SplitConfig(n_folds=4, holdout="test", val_fraction=0.2)).values())
     assert counts == {"test": 5, "val": 3, "train": 12}

@@ -71,13 +71,25 @@ def _deal(subjects_by_stratum: dict[str, list[str]], n_parts: int, rng: np.rando
 
 
 def _take_fraction(subjects: list[str], strata: dict[str, str], fraction: float, rng: np.random.Generator) -> set[str]:
-    """A stratified random share of ``subjects`` (at least one subject when the fraction is positive)."""
+    """A stratified random share of ``subjects`` (at least one subject when the fraction is positive): each
+    stratum gives its share rounded down, and the subjects still missing come from the strata with the largest
+    remainders, so every stratum's count is within one of ``fraction`` x its size."""
     if fraction <= 0 or not subjects:
         return set()
     count = max(1, round(fraction * len(subjects)))
     by_stratum = _group(subjects, strata)
-    order = [subject for part in _deal(by_stratum, len(subjects), rng) for subject in part]
-    return set(order[:count])
+    names = sorted(by_stratum)
+    quotas = [fraction * len(by_stratum[name]) for name in names]
+    taken = [int(quota) for quota in quotas]
+    ties = rng.random(len(names))
+    by_remainder = sorted(range(len(names)), key=lambda i: (taken[i] - quotas[i], ties[i]))
+    for index in by_remainder[: max(0, count - sum(taken))]:
+        taken[index] += 1
+    chosen: set[str] = set()
+    for name, k in zip(names, taken, strict=True):
+        members = sorted(by_stratum[name])
+        chosen |= {members[i] for i in rng.permutation(len(members))[:k]}
+    return chosen
 
 
 def _group(subjects: list[str], strata: dict[str, str]) -> dict[str, list[str]]:
