@@ -201,6 +201,13 @@ def _definitions(distance: str, volume: str, s: _Settings) -> list[tuple[str, st
         ("fairness", "Fairness ratio", "Worst group's mean Dice / best group's mean Dice (1 = parity)."),
         ("fairness", "Minimum group size", f"Groups with fewer than {s.min_group_size} cases are too small to "
                                            f"measure; a gap above {s.gap_threshold:g} becomes a caveat."),
+        ("instance", "Panoptic quality", "`instance/pq`: predicted and true objects matched one to one (same class, "
+                                         "IoU > 0.5); sum of matched IoUs / (TP + FP/2 + FN/2), per case; "
+                                         "`instance/sq` is the mean IoU of the matches, `instance/rq` their F1."),
+        ("instance", "Object count error", "`instance/count_error`: objects found − true objects per case "
+                                           "(negative: merged or missed objects); `abs_count_error` its size."),
+        ("instance", "Mask AP", "`instance/ap`: mask average precision over the split's objects at IoU 0.50:0.95 "
+                                "(COCO), `ap50`/`ap75` at one threshold; Dice and HD95 are those of the merged mask."),
     ]
 
 
