@@ -126,7 +126,7 @@ def _crosssite(args: argparse.Namespace) -> int:
     from medseg_lightning.summaries import format_crosssite
 
     config = load_config(args.experiment, args.overrides)
-    return _study(lambda: format_crosssite(run_crosssite(config, args.attribute)))
+    return _study(lambda: format_crosssite(run_crosssite(config, args.attribute, seen_from=args.seen_from)))
 
 
 def _study(run: Callable[[], str]) -> int:
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     crosssite = verbs.add_parser("crosssite", help="hold out each site in turn: Dice seen vs unseen in training")
     _add_experiment(crosssite)
     crosssite.add_argument("--attribute", default="site", help="the attribute whose groups are held out (site)")
+    crosssite.add_argument("--seen-from", metavar="RUN_ID",
+                           help="take the seen-in-training Dice from this cross-validation (or cross-site) run "
+                                "instead of cross-validating this config (e.g. a remedy against the baseline)")
     crosssite.set_defaults(handler=_crosssite)
 
     evaluate = verbs.add_parser("evaluate", help="evaluate a model on a dataset split: metrics, fairness, model card")

@@ -26,6 +26,7 @@ from medseg_lightning.crossval import (
     fold_summary,
     load_cohort,
     log_study,
+    pooled_report,
     run_crossval,
     study_context,
 )
@@ -89,9 +90,15 @@ def eligible_groups(config: ExperimentConfig, attribute: str) -> tuple[list[str]
     return eligible, skipped
 
 
-def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = None,
-                  echo: Echo = print) -> CrossSiteResult:
-    """Cross-validation (reused when finished), then one held-out model per eligible group; logs the table."""
+def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = None, echo: Echo = print,
+                  seen_from: str | None = None) -> CrossSiteResult:
+    """Cross-validation (reused when finished), then one held-out model per eligible group; logs the table.
+
+    Args:
+        seen_from: take the "seen in training" Dice from this earlier cross-validation (or cross-site) run instead
+            of cross-validating this config: the drop is then measured against that reference, e.g. a remedy's
+            unseen-site Dice against the baseline's in-site Dice, for 4 runs instead of 9.
+    """
     from medseg_lightning import tracking
 
     check_crossval_config(config)  # "seen in training" numbers come from the cross-validation
@@ -99,12 +106,25 @@ def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = 
     root = root or tracking.project_root(Path.cwd())
     echo(f"cross-{attribute}: holding out {', '.join(groups)}"
          + (f"; not held out: {', '.join(item['group'] for item in skipped)}" if skipped else ""))
-    with open_study(KIND, config, root, qualifier=attribute, tags={"medseg.crosssite.attribute": attribute}) as study:
-        crossval = run_crossval(config, root, parent_run_id=study.run_id, echo=echo)
+    qualifier = f"{attribute}:{seen_from}" if seen_from else attribute
+    with open_study(KIND, config, root, qualifier=qualifier, tags={"medseg.crosssite.attribute": attribute}) as study:
+        crossval = (reference_crossval(study, seen_from) if seen_from
+                    else run_crossval(config, root, parent_run_id=study.run_id, echo=echo))
         study.client.set_tag(study.run_id, "medseg.crossval_run_id", crossval.run_id)
         results = [_held_out(study, crossval, attribute, group, echo) for group in groups]
         _log(study, crossval, attribute, results, skipped)
     return CrossSiteResult(study.run_id, study.client.tracking_uri, attribute, crossval, results, skipped)
+
+
+def reference_crossval(study: Study, run_id: str) -> CrossValResult:
+    """An earlier cross-validation's pooled test rows, as the "seen in training" reference of this study."""
+    from medseg_lightning.tracking.studies import fold_runs_of
+
+    folds = fold_runs_of(study.client, run_id)
+    if not folds:
+        raise ValueError(f"--seen-from {run_id}: the run has no finished fold runs")
+    crossval_run = study.client.get_run(next(iter(folds.values()))).data.tags["mlflow.parentRunId"]
+    return CrossValResult(crossval_run, study.client.tracking_uri, folds, pooled_report(study, folds))
 
 
 def _held_out(study: Study, crossval: CrossValResult, attribute: str, group: str, echo: Echo) -> HeldOutGroup:

@@ -72,11 +72,12 @@ def open_study(kind: str, config: ExperimentConfig, root: Path, parent_run_id: s
     """
     from medseg_lightning.tracking import studies as tracking
 
-    digest = config_hash(config)
-    if qualifier:
-        digest = hashlib.sha256(f"{digest}:{qualifier}".encode()).hexdigest()[:16]
-    client, run_id = tracking.open_study_run(config, root, kind, digest, f"{kind}-{config.name}", parent_run_id, tags)
-    folder = root / "mlruns" / "studies" / f"{kind}-{config.name}{'-' + qualifier if qualifier else ''}-{digest}"
+    digest = config_hash(config)  # children: a run depends on the config and its own overrides only
+    study_digest = hashlib.sha256(f"{digest}:{qualifier}".encode()).hexdigest()[:16] if qualifier else digest
+    client, run_id = tracking.open_study_run(config, root, kind, study_digest, f"{kind}-{config.name}", parent_run_id,
+                                             tags)
+    label = qualifier.split(":")[0] if qualifier else ""
+    folder = root / "mlruns" / "studies" / f"{kind}-{config.name}{'-' + label if label else ''}-{study_digest}"
     folder.mkdir(parents=True, exist_ok=True)
     neutral = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tags": {}, "run_name": None})})
     (folder / "config.yaml").write_text(config_to_yaml(neutral))

@@ -145,6 +145,14 @@ def test_crosssite_holds_out_each_large_group_and_reuses_the_crossval(
     assert main(["crosssite", str(experiment), "--attribute", "site", *_set(FAST)]) == 0
     printed = capsys.readouterr().out
     assert "cross-site generalisation" in printed and all(f"{g}" in printed for g in groups)
+    # a study that takes its seen-in-training Dice from an earlier cross-validation trains no folds of its own
+    before = len(_runs(root))
+    referenced = run_crosssite(config, "site", root, seen_from=crossval.run_id)
+    assert len(_runs(root)) == before + 1  # its own parent run; the held-out models are reused
+    assert referenced.crossval.fold_runs == crossval.fold_runs and referenced.run_id != result.run_id
+    assert [g.dice_drop.mean for g in referenced.groups] == pytest.approx([g.dice_drop.mean for g in result.groups])
+    with pytest.raises(ValueError, match="not a cross-validation or cross-site run"):
+        run_crosssite(config, "site", root, seen_from=crossval.fold_runs[0])
 
 
 def test_a_failed_fold_stops_the_study_and_a_rerun_continues(project: tuple[Path, Path], tmp_path: Path,

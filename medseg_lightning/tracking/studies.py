@@ -74,6 +74,27 @@ def child_runs(client: MlflowClient, config: ExperimentConfig, root: Path, confi
     return ChildRuns(finished, interrupted)
 
 
+def fold_runs_of(client: MlflowClient, run_id: str) -> dict[int, str]:
+    """The finished fold runs of a cross-validation study run (or of the one a cross-site run used), by fold.
+
+    Raises:
+        ValueError: no such run, or a run that is neither a cross-validation nor a cross-site study.
+    """
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"--seen-from {run_id}: no such MLflow run") from None
+    if run.data.tags.get(KIND_TAG) == "cross-site" and "medseg.crossval_run_id" in run.data.tags:
+        return fold_runs_of(client, run.data.tags["medseg.crossval_run_id"])
+    if run.data.tags.get(KIND_TAG) != "cross-validation":
+        raise ValueError(f"--seen-from {run_id}: not a cross-validation or cross-site run "
+                         f"(medseg.kind {run.data.tags.get(KIND_TAG)!r})")
+    children = client.search_runs([run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'", max_results=1000)
+    folds = {int(child.data.tags[KEY_TAG].removeprefix("fold-")): child.info.run_id for child in children
+             if child.info.status == "FINISHED" and child.data.tags.get(KEY_TAG, "").startswith("fold-")}
+    return dict(sorted(folds.items()))
+
+
 def _has_artifact(client: MlflowClient, run_id: str, path: str) -> bool:
     folder, _, name = path.rpartition("/")
     return any(item.path == path for item in client.list_artifacts(run_id, folder or None)) if name else False
