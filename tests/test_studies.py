@@ -62,6 +62,7 @@ def _runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
+@pytest.mark.slow  # 6 training processes
 def test_crossval_tests_every_case_once_and_pools_the_audit(crossval: CrossValResult,
                                                             project: tuple[Path, Path]) -> None:
     root, _ = project
@@ -93,6 +94,7 @@ def test_crossval_tests_every_case_once_and_pools_the_audit(crossval: CrossValRe
     assert "Cross-validation folds" in markdown and "Training cases per group, by fold" in markdown
 
 
+@pytest.mark.slow  # 6 training processes
 def test_a_rerun_reuses_the_finished_folds(crossval: CrossValResult, project: tuple[Path, Path],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     root, experiment = project
@@ -107,6 +109,7 @@ def test_a_rerun_reuses_the_finished_folds(crossval: CrossValResult, project: tu
     assert again.report.summary["dice/mean"] == pytest.approx(crossval.report.summary["dice/mean"])
 
 
+@pytest.mark.slow  # 6 training processes
 def test_crosssite_holds_out_each_large_group_and_reuses_the_crossval(
         crossval: CrossValResult, project: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
