@@ -120,7 +120,7 @@ def evaluation_config(data: ExperimentConfig, model: ExperimentConfig) -> Experi
         fields["instances"] = data.data.instances or model.data.instances
     # a semantic model on instance data keeps data.instances: its objects are then its connected components
     return data.model_copy(update={"data": data.data.model_copy(update=fields), "task": model.task,
-                                   "model": model.model})
+                                   "model": model.model, "inference": model.inference})
 
 
 @dataclass
@@ -132,8 +132,13 @@ class EvaluationResult:
 
 
 def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "test",
-                   root: Path | None = None) -> EvaluationResult:
-    """Evaluates a model on one split of the experiment's data, as its own MLflow run linked to the model's run."""
+                   root: Path | None = None, largest_component: bool | None = None) -> EvaluationResult:
+    """Evaluates a model on one split of the experiment's data, as its own MLflow run linked to the model's run.
+
+    Args:
+        largest_component: keep only the largest connected component of every class (default: the model's
+            ``inference.largest_component``, as ``medseg predict`` does).
+    """
     from medseg_lightning import tracking
     from medseg_lightning.tracking.evaluation import evaluation_run, log_metrics, source_run_id
 
@@ -141,6 +146,9 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
     root = root or tracking.project_root(Path.cwd())
     bundle = load_model(model_spec, root)
     config = evaluation_config(experiment, bundle.config)
+    if largest_component is not None:
+        config = config.model_copy(update={"inference": config.inference.model_copy(
+            update={"largest_component": largest_component})})
     datamodule = SegmentationDataModule(config.data, seed=config.seed)
     datamodule.setup("test")
     if datamodule.in_channels != bundle.in_channels:

@@ -33,6 +33,8 @@ class SegmentationModule(pl.LightningModule):
         fairness: attributes audited at every validation and test pass (``val/fairness/sex/dice_gap``).
         channels_last: keep the network and its inputs in channels-last memory format, which oneDNN (CPU) and
             cuDNN (GPU, mixed precision) convolutions run faster on.
+        keep_largest: classes of which only the largest 3D connected component is kept before scoring (the
+            model's ``inference.largest_component``, so validation scores what ``medseg predict`` writes).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class SegmentationModule(pl.LightningModule):
         overlay_cases: int = 0,
         fairness: FairnessConfig | None = None,
         channels_last: bool = False,
+        keep_largest: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -59,6 +62,7 @@ class SegmentationModule(pl.LightningModule):
         self.inference_batch_size = inference_batch_size
         self.overlay_cases = overlay_cases
         self.fairness = fairness or FairnessConfig()
+        self.keep_largest = keep_largest or []
         self.train_metrics = SliceMetrics(len(labels))
         self.case_rows: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
         self.reports: dict[str, EvaluationReport] = {}
@@ -96,7 +100,7 @@ class SegmentationModule(pl.LightningModule):
     def _score_cases(self, batch: list[dict[str, Any]], split: str) -> None:
         for item in batch:
             labels = predict_labels(self, item["image"], self.inference_batch_size)
-            self.case_rows[split].append(score_case(item, labels, self.labels))
+            self.case_rows[split].append(score_case(item, labels, self.labels, self.keep_largest))
             if split == "val" and len(self.overlays) < self.overlay_cases:
                 self.overlays.append(_overlay_sample(item, labels))
 

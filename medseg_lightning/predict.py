@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 
 from medseg_lightning.data.cache import preprocess_case
 from medseg_lightning.data.dataset import stack_context
@@ -36,6 +35,7 @@ from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.instance_metrics import Objects
 from medseg_lightning.model_io import ModelBundle
 from medseg_lightning.models.inference import prepare_for_inference
+from medseg_lightning.postprocess import classes_to_clean, keep_largest_components
 
 _MODALITY_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
@@ -123,7 +123,7 @@ class Predictor:
                          for bundle in bundles]
         self.tta = first.inference.tta if tta is None else tta
         chosen = first.inference.largest_component if largest_component is None else largest_component
-        self.keep_largest = _classes_to_clean(chosen, first.data.labels)
+        self.keep_largest = classes_to_clean(chosen, first.data.labels)
         self.batch_size = batch_size or first.trainer.inference_batch_size
         self.instance = first.task == "instance"
         if self.instance and (len(bundles) > 1 or self.tta):
@@ -201,32 +201,6 @@ def _check_compatible(first: object, other: ModelBundle) -> None:
                                                                  b.image_columns):
         raise ValueError("ensemble models must share preprocessing, slicing, labels and input modalities; "
                          f"{other.config.name} differs from {first.name}")  # type: ignore[attr-defined]
-
-
-def _classes_to_clean(setting: bool | list[str], labels: dict[int, str]) -> list[int]:
-    if setting is True:
-        return [label for label in labels if label > 0]
-    if not setting:
-        return []
-    by_name = {name: label for label, name in labels.items()}
-    unknown = [name for name in setting if name not in by_name]
-    if unknown:
-        raise ValueError(f"inference.largest_component: unknown class(es) {unknown}; classes are {list(by_name)}")
-    return [by_name[name] for name in setting]
-
-
-def keep_largest_components(labels: np.ndarray, classes: list[int]) -> np.ndarray:
-    """Removes every connected component (26-connected in 3D) of the given classes but the largest."""
-    if not classes:
-        return labels
-    labels = labels.copy()
-    structure = np.ones((3,) * labels.ndim, dtype=bool)
-    for label in classes:
-        components, count = ndimage.label(labels == label, structure=structure)
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            labels[(components > 0) & (components != int(sizes.argmax()) + 1)] = 0
-    return labels
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from medseg_lightning.fairness import (
     metric_name,
 )
 from medseg_lightning.metrics import aggregate, case_metrics, name_metrics
+from medseg_lightning.postprocess import classes_to_clean, keep_largest_components
 
 
 @torch.no_grad()
@@ -44,9 +45,11 @@ def predict_labels(network: nn.Module, image: torch.Tensor, batch_size: int) -> 
     return torch.cat(chunks).numpy()
 
 
-def score_case(item: dict[str, Any], labels: np.ndarray, class_names: dict[int, str]) -> dict[str, Any]:
-    """One per-case row: the prediction re-stacked into the native grid and scored against the untouched labels."""
-    prediction = restore_volume(labels, item["meta"])
+def score_case(item: dict[str, Any], labels: np.ndarray, class_names: dict[int, str],
+               keep_largest: Sequence[int] = ()) -> dict[str, Any]:
+    """One per-case row: the prediction re-stacked into the native grid (only the largest connected component of
+    the ``keep_largest`` classes kept, as ``medseg predict`` does) and scored against the untouched labels."""
+    prediction = keep_largest_components(restore_volume(labels, item["meta"]), list(keep_largest))
     target = item["target"].numpy() if isinstance(item["target"], torch.Tensor) else item["target"]
     metrics = case_metrics(prediction, target, item["meta"]["spacing"], len(class_names),
                            spacing_known=item["meta"]["spacing_known"])
@@ -96,7 +99,8 @@ def evaluate_cases(network: nn.Module, items: Iterable[dict[str, Any]], split: s
 
     network.eval()
     names = dict(config.data.labels)
-    rows = [score_case(item, predict_labels(network, item["image"], config.trainer.inference_batch_size), names)
+    keep = classes_to_clean(config.inference.largest_component, names)
+    rows = [score_case(item, predict_labels(network, item["image"], config.trainer.inference_batch_size), names, keep)
             for item in tqdm(items, desc=f"evaluating {split}", unit="case", disable=not progress)]
     return summarize(rows, split, config.fairness, [name for key, name in sorted(names.items()) if key > 0])
 

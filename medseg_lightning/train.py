@@ -25,6 +25,7 @@ from medseg_lightning.evaluate import SPLITS, RunContext, write_outputs
 from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.losses import create_loss
 from medseg_lightning.model_io import build_network, predict_slices, save_bundle
+from medseg_lightning.postprocess import classes_to_clean
 from medseg_lightning.scoring import split_group_counts
 from medseg_lightning.sweep.trial import PruningCallback, trial_link, write_result
 from medseg_lightning.transfer import load_pretrained
@@ -112,8 +113,9 @@ def _module(config: ExperimentConfig, network: torch.nn.Module) -> SegmentationM
         return InstanceModule(network, score_threshold=config.model.score_threshold, **shared)
     loss = create_loss(config.loss.name, config.data.num_classes, class_weights=config.loss.class_weights,
                        **config.loss.params)
+    keep = classes_to_clean(config.inference.largest_component, config.data.labels)
     return SegmentationModule(network, loss, overlay_cases=config.tracking.log_overlays,
-                              channels_last=config.trainer.channels_last, **shared)
+                              channels_last=config.trainer.channels_last, keep_largest=keep, **shared)
 
 
 def with_anchor_sizes(config: ExperimentConfig, datamodule: SegmentationDataModule) -> ExperimentConfig:

@@ -16,7 +16,7 @@ from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.model_io import save_bundle
-from medseg_lightning.predict import keep_largest_components
+from medseg_lightning.postprocess import keep_largest_components
 from medseg_lightning.scoring import predict_labels
 from medseg_lightning.tracking import load_logged_bundle
 from medseg_lightning.train import run
@@ -150,3 +150,19 @@ def test_export_cli_writes_an_onnx_model_that_matches(model, tmp_path: Path) -> 
     with torch.no_grad():
         expected = bundle.network.eval()(torch.from_numpy(image)).numpy()
     assert np.abs(logits - expected).max() < 1e-4
+
+
+def test_evaluation_scores_the_post_processed_prediction() -> None:
+    """With ``inference.largest_component`` the reported Dice is that of the mask ``medseg predict`` writes."""
+    from medseg_lightning.scoring import score_case
+
+    target = np.zeros((8, 8, 1), np.uint8)
+    target[1:4, 1:4] = 1
+    prediction = target.copy()
+    prediction[6:8, 6:8] = 1  # a false-positive speck apart from the structure
+    meta = {"in_plane": {"source": [8, 8], "target": [8, 8], "mode": "none"}, "axis": 2, "spacing": [1.0] * 3,
+            "spacing_known": True}
+    item = {"meta": meta, "target": target, "case_id": "c", "attributes": {}}
+    slices = np.moveaxis(prediction, 2, 0)
+    assert score_case(item, slices, {0: "bg", 1: "fg"})["dice/fg"] < 0.9
+    assert score_case(item, slices, {0: "bg", 1: "fg"}, [1])["dice/fg"] == 1.0
