@@ -50,6 +50,16 @@ def _study(path: Path) -> optuna.Study:
     return optuna.load_study(study_name=path.stem, storage=f"sqlite:///{path.with_name(path.stem + '.optuna.db')}")
 
 
+def _trial_states(path: Path) -> list[str]:
+    """The study's trial states, or none while the sweep process has not created the study yet."""
+    if not path.with_name(path.stem + ".optuna.db").exists():
+        return []
+    try:
+        return [t.state.name for t in _study(path).trials]
+    except KeyError:  # the database file exists a moment before the study row does
+        return []
+
+
 def _client(folder: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
 
@@ -160,7 +170,7 @@ def test_a_killed_sweep_resumes_without_repeating_trials(sweep_folder: Path) -> 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait for one finished trial and a second one running
         time.sleep(1)
-        states = [t.state.name for t in _study(path).trials] if path.with_name("study.optuna.db").exists() else []
+        states = _trial_states(path)
         if states[:1] == ["COMPLETE"] and "RUNNING" in states[1:]:
             break
     else:
@@ -252,7 +262,7 @@ def test_ctrl_c_stops_the_trials_and_a_rerun_continues(sweep_folder: Path) -> No
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
             (sweep_folder / "mlruns" / "sweeps" / "study" / "trial_0000.log").is_file()
-            and [t.state.name for t in _study(path).trials] == ["RUNNING"]):
+            and _trial_states(path) == ["RUNNING"]):
         time.sleep(0.5)
     time.sleep(5)  # inside the trial's training
     os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C
