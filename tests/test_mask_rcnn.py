@@ -108,3 +108,43 @@ def test_onnx_export_refuses_instance_models(trained: tuple[RunResult, Path, Pat
     monkeypatch.chdir(root)
     assert main(["export", "--model", f"runs:/{result.run_id}", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "only semantic models are exported" in capsys.readouterr().err
+
+
+def test_an_instance_model_is_promoted_with_its_card_and_predicts_from_the_registry(
+        trained: tuple[RunResult, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, root, _ = trained
+    monkeypatch.chdir(root)
+    assert main(["promote", "--run", result.run_id, "--name", "cells", "--min-dice", "0.0"]) == 0
+    client = MlflowClient(result.tracking_uri)
+    version = client.get_model_version_by_alias("cells", "champion")
+    assert version.run_id == result.run_id and "Model card" in version.description
+    source = root / "cohort" / "imagesTr" / "synth_001.nii.gz"
+    assert main(["predict", "--model", "models:/cells@champion", str(source), "--out", str(tmp_path),
+                 "--min-score", "0.01"]) == 0
+    assert nib.load(str(tmp_path / "synth_001.nii.gz")).shape == nib.load(str(source)).shape
+    assert (tmp_path / "synth_001_objects.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_over_an_instance_experiment_optimises_panoptic_quality(
+        trained: tuple[RunResult, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, root, experiment = trained
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
+    sweep = tmp_path / "cells.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "experiment": str(experiment), "n_trials": 2, "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"}, "overrides": {"trainer.accelerator": "cpu", "trainer.max_epochs": 1,
+                                                  "tracking.log_overlays": 0, "fairness.n_bootstrap": 200},
+        "objectives": [{"metric": "val/instance/pq", "direction": "maximize"}],
+        "space": {"model.score_threshold": {"type": "float", "low": 0.05, "high": 0.5}}}))
+    assert main(["sweep", str(sweep)]) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="cells", storage=f"sqlite:///{tmp_path / 'cells.optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    client = MlflowClient(result.tracking_uri)
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert trial.values[0] == pytest.approx(run.data.metrics["val/instance/pq"], abs=1e-6)
+        assert float(run.data.params["model.score_threshold"]) == pytest.approx(trial.params["model.score_threshold"])
