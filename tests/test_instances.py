@@ -145,6 +145,19 @@ def test_mask_rcnn_on_a_timm_encoder_trains_and_detects() -> None:
         create_mask_rcnn("test_resnet", 1, 2, (32, 32), [8, 16])
 
 
+def test_the_heads_follow_the_pyramid_width_and_match_torchvision_at_256() -> None:
+    from torchvision.models.detection import MaskRCNN
+
+    wide = create_mask_rcnn("test_resnet", 1, 2, (32, 32), [4, 6, 8, 12, 16], fpn_channels=256)
+    reference = MaskRCNN(wide.detector.backbone, num_classes=2)  # torchvision's own heads on the same pyramid
+    assert [p.shape for p in wide.detector.roi_heads.parameters()] == [
+        p.shape for p in reference.roi_heads.parameters()]
+    narrow = create_mask_rcnn("test_resnet", 1, 2, (32, 32), [4, 6, 8, 12, 16], fpn_channels=32)
+    heads = narrow.detector.roi_heads
+    assert heads.mask_head[0][0].in_channels == 32 and heads.mask_head[-1][0].out_channels == 32
+    assert heads.box_head.fc6.in_features == 32 * 7 * 7 and heads.box_predictor.cls_score.out_features == 2
+
+
 def test_anchor_sizes_span_the_training_objects() -> None:
     sizes = anchor_sizes_for([6.0] * 5 + [10.0] * 90 + [40.0] * 5, (128, 128))
     assert len(sizes) == 5 and sizes == sorted(set(sizes))

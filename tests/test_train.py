@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -62,6 +63,8 @@ def test_run_logs_metrics_provenance_and_artifacts(trained: tuple[RunResult, Pat
     logged = client.get_run(result.run_id)
     assert logged.data.params["model.encoder"] == "test_resnet"
     assert logged.data.params["data.split.n_folds"] == "3"
+    experiment = client.get_experiment(logged.info.experiment_id).name
+    assert re.fullmatch(rf"{experiment}-\d{{8}}-\d{{6}}", logged.info.run_name)  # not a seeded random name
     assert logged.data.tags["data.fingerprint"] and logged.data.tags["data.n_test"] == "2"
     for key in ("train/loss_epoch", "train/dice/organ", "val/dice", "val/dice/lesion", "val/hd95/organ",
                 "test/dice", "lr-AdamW/decoder"):

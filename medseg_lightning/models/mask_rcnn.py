@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -60,10 +62,10 @@ class InstanceSegmentationModel(nn.Module):
                                   aspect_ratios=(ASPECT_RATIOS,) * len(anchor_sizes))
         channels = encoder.in_channels
         self.detector = MaskRCNN(
-            TimmFeaturePyramid(encoder, fpn_channels), num_classes=num_classes, min_size=min(image_size),
+            TimmFeaturePyramid(encoder, fpn_channels), num_classes=None, min_size=min(image_size),
             max_size=max(image_size), image_mean=[0.0] * channels, image_std=[1.0] * channels,
             rpn_anchor_generator=anchors, box_detections_per_img=detections_per_image,
-            box_batch_size_per_image=128, box_score_thresh=score_threshold)
+            box_batch_size_per_image=64, box_score_thresh=score_threshold, **roi_heads(fpn_channels, num_classes))
         self.num_classes = num_classes
 
     @property
@@ -73,6 +75,18 @@ class InstanceSegmentationModel(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         return self.detector(list(images), targets)
+
+
+def roi_heads(width: int, num_classes: int) -> dict[str, nn.Module]:
+    """Box and mask heads as wide as the pyramid. torchvision fixes them at 256 channels (mask convolutions) and
+    1024 features (box MLP) whatever the pyramid's width; at ``width`` 256 these are exactly its heads, and a
+    narrower pyramid for small slices gets proportionally narrower heads, where the mask head's four 3x3
+    convolutions over every positive region dominate a CPU training step."""
+    representation = 4 * width
+    return {"box_head": TwoMLPHead(width * 7 * 7, representation),
+            "box_predictor": FastRCNNPredictor(representation, num_classes),
+            "mask_head": MaskRCNNHeads(width, (width,) * 4, 1),
+            "mask_predictor": MaskRCNNPredictor(width, width, num_classes)}
 
 
 def create_mask_rcnn(encoder: str, in_channels: int, num_classes: int, image_size: Sequence[int],

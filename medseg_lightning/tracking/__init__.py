@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,18 @@ def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | Non
         except mlflow.exceptions.MlflowException:
             raise ValueError(f"--resume {resume_run_id}: no such MLflow run in {uri}") from None
     run_id = resume_run_id or (None if is_global_zero() else os.environ.get(RUN_ID_ENV))
-    logger = MLFlowLogger(experiment_name=name, run_name=config.tracking.run_name, tracking_uri=uri,
+    logger = MLFlowLogger(experiment_name=name, run_name=config.tracking.run_name or default_run_name(config),
+                          tracking_uri=uri,
                           tags=config.tracking.tags or None, artifact_location=artifacts, run_id=run_id)
     if is_global_zero():
         os.environ[RUN_ID_ENV] = logger.run_id  # creates the run now, on rank 0 only
     return logger
+
+
+def default_run_name(config: ExperimentConfig) -> str:
+    """``<experiment>-<date>-<time>``: MLflow's random names come from Python's ``random``, which the run's seed
+    has just fixed, so every run of a seeded experiment would get the same name in the UI."""
+    return f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
