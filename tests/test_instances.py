@@ -111,6 +111,17 @@ def test_detections_become_objects_painted_by_score_and_linked_across_slices() -
     assert objects_from_detections(other_class, (6, 6), 0.5).count == 2  # classes never merge
 
 
+def test_a_detection_mostly_covered_by_a_more_confident_one_is_a_duplicate() -> None:
+    right, duplicate, neighbour = (np.zeros((6, 6)) for _ in range(3))
+    right[0:3, 2:5] = 1
+    duplicate[0:3, 1:4] = 1  # two thirds under `right`: only a one-pixel-wide sliver would be left
+    neighbour[0:3, 0:3] = 1  # one third under `right`: a touching object of its own
+    painted = paint_slices([_detection([right, duplicate], [0.9, 0.8], [1, 1])], (6, 6), 0.5)
+    assert painted.count == 1 and set(np.unique(painted.ids)) == {0, 1}
+    painted = paint_slices([_detection([right, neighbour], [0.9, 0.8], [1, 1])], (6, 6), 0.5)
+    assert painted.count == 2 and (painted.ids[0] == 2).sum() == 6
+
+
 def test_slice_targets_have_boxes_covering_each_object_and_majority_classes() -> None:
     instances = torch.zeros(8, 8, dtype=torch.long)
     instances[2, 3] = 5  # a one-pixel object
