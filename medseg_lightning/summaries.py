@@ -29,6 +29,8 @@ def format_summary(result: RunResult) -> str:
         if distance:
             parts.append(f"{distance.removeprefix(split + '/').removesuffix('/mean')}={metrics[distance]:.3g}")
         lines.append(f"  {split}: " + "  ".join(parts))
+        if f"{split}/instance/pq" in metrics:
+            lines.append(f"    {_objects(metrics, f'{split}/instance/')}")
         for key in sorted(k for k in metrics if k.startswith(f"{split}/fairness/") and k.endswith("/dice_gap")):
             attribute = key.split("/")[2]
             lines.append(f"    fairness {attribute}: dice gap {_interval(metrics, key)}")
@@ -43,6 +45,8 @@ def format_evaluation(report: EvaluationReport) -> str:
     """Mean Dice with its interval, then each audited attribute's groups, worst group and gap."""
     summary = report.summary
     lines = [f"{report.split}: {int(summary.get('n_cases', 0))} cases, Dice {_interval(summary, 'dice/mean')}"]
+    if "instance/pq" in summary:
+        lines.append(f"  {_objects(summary, 'instance/')}")
     for item in report.audits:
         if not item.available:
             lines.append(f"  {item.attribute}: not audited ({item.note})")
@@ -53,6 +57,13 @@ def format_evaluation(report: EvaluationReport) -> str:
                f"worst {item.worst_group}" if item.dice_gap else f"; {item.note}")
         lines.append(f"  {item.attribute}: {groups}{gap}")
     return "\n".join(lines)
+
+
+def _objects(summary: dict[str, float], prefix: str) -> str:
+    """The instance metrics: panoptic quality, mask AP and how many objects were found per case."""
+    return (f"objects: PQ {_interval(summary, prefix + 'pq')}, mask AP {summary.get(prefix + 'ap', float('nan')):.3f}"
+            f" (AP50 {summary.get(prefix + 'ap50', float('nan')):.3f}), per case {summary[prefix + 'n_pred']:.2f} "
+            f"found / {summary[prefix + 'n_true']:.2f} true, count error {_interval(summary, prefix + 'count_error')}")
 
 
 def _interval(summary: dict[str, float], key: str) -> str:

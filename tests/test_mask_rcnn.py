@@ -92,7 +92,8 @@ def test_evaluate_scores_an_instance_model_as_its_own_run(trained: tuple[RunResu
     monkeypatch.chdir(root)
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
     assert main(["evaluate", "--model", f"runs:/{result.run_id}", "--data", str(experiment)]) == 0
-    assert "test:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test:" in out and "objects: PQ" in out and "found /" in out  # the instance metrics are printed
     client = MlflowClient(result.tracking_uri)
     runs = client.search_runs([client.get_run(result.run_id).info.experiment_id],
                               "tags.`medseg.kind` = 'evaluation'")
