@@ -369,4 +369,7 @@ class ExperimentConfig(StrictModel):
             self.data.instances = InstancesConfig()
         if self.task == "instance" and self.data.preprocessing.target_size is None:
             raise ValueError("task 'instance' needs data.preprocessing.target_size (Mask R-CNN's image size)")
+        if self.task == "semantic" and "/instance/" in self.trainer.monitor:
+            raise ValueError(f"trainer.monitor {self.trainer.monitor!r}: semantic runs log no instance metrics while "
+                             "training (medseg evaluate scores their connected components); monitor val/dice")
         return self

@@ -191,6 +191,8 @@ def test_instance_configs_are_checked(tmp_path: Path) -> None:
     semantic.write_text(yaml.safe_dump({"name": "x", "data": {"source": "d"}, "model": {"arch": "mask_rcnn"}}))
     with pytest.raises(ConfigError, match=r"task 'semantic' with model\.arch 'mask_rcnn'"):
         load_config(semantic)
+    with pytest.raises(ConfigError, match="semantic runs log no instance metrics"):
+        load_config(semantic, ["model.arch=unet", "trainer.monitor=val/instance/pq"])
 
 
 def test_data_check_names_bad_instance_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
