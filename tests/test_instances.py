@@ -241,3 +241,21 @@ def test_connected_components_of_a_perfect_label_map_merge_touching_objects(
     assert report.summary["dice/mean"] == 1.0
     assert report.summary["instance/count_error"] < 0  # objects that touch came out as one
     assert report.summary["instance/pq"] < 0.9 and report.summary["instance/ap"] < 0.9
+
+
+def test_transfer_weights_load_into_the_mask_rcnn_encoder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from medseg_lightning.models import create_model
+    from medseg_lightning.transfer import load_pretrained
+
+    torch.manual_seed(1)
+    semantic = create_model("unet", "test_resnet", 1, 2)  # e.g. a U-Net trained earlier on the same scans
+    weights = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in semantic.state_dict().items()}, str(weights))
+    torch.manual_seed(2)
+    detector = create_mask_rcnn("test_resnet", 1, 2, (32, 32), [4, 6, 8, 12, 16])
+    report = load_pretrained(detector, str(weights), tmp_path)
+    assert report is not None and "pretrained encoder weights" in report
+    loaded = detector.encoder.state_dict()
+    assert loaded and all(torch.equal(loaded[k], v) for k, v in semantic.encoder.state_dict().items())
