@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -140,8 +141,6 @@ def test_a_sweep_over_an_instance_experiment_optimises_panoptic_quality(
         "objectives": [{"metric": "val/instance/pq", "direction": "maximize"}],
         "space": {"model.score_threshold": {"type": "float", "low": 0.05, "high": 0.5}}}))
     assert main(["sweep", str(sweep)]) == 0
-    import optuna
-
     study = optuna.load_study(study_name="cells", storage=f"sqlite:///{tmp_path / 'cells.optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     client = MlflowClient(result.tracking_uri)
