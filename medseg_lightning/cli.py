@@ -153,7 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from medseg_lightning.summaries import format_evaluation
 
     config = load_config(args.data, args.overrides)
-    result = run_evaluation(args.model, config, split=args.split, largest_component=args.largest_component or None)
+    result = run_evaluation(args.model, config, split=args.split, largest_component=args.largest_component)
     print(format_evaluation(result.report))
     print(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
     return 0
@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a saved model folder")
     evaluate.add_argument("--data", type=Path, required=True, help="experiment YAML whose data (and fairness) to use")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--largest-component", action="store_true",
-                          help="keep the largest connected component of every class (default: the model's setting)")
+    evaluate.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
+                          help="keep only the largest connected component per class, or not (default: the model's)")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a field of the --data experiment (repeatable)")
     evaluate.set_defaults(handler=_evaluate)

@@ -22,7 +22,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     root = tracking.project_root(Path.cwd())
     predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
-                          largest_component=args.largest_component or None, batch_size=args.batch_size,
+                          largest_component=args.largest_component, batch_size=args.batch_size,
                           device=args.device, min_score=args.min_score)
     cases = discover_inputs(args.inputs, predictor.modalities)
     failed = 0
@@ -121,8 +121,8 @@ def add_model_commands(verbs: Any) -> None:
                          help="models:/NAME@ALIAS, runs:/RUN_ID or a saved model folder; repeat for an ensemble")
     predict.add_argument("--out", type=Path, required=True, help="output folder (masks: NAME.nii.gz or NAME.png)")
     predict.add_argument("--tta", action="store_true", help="average over flips (default: the model's setting)")
-    predict.add_argument("--largest-component", action="store_true",
-                         help="keep the largest connected component of every class (default: the model's setting)")
+    predict.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
+                         help="keep only the largest connected component per class, or not (default: the model's)")
     predict.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     predict.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")

@@ -166,3 +166,14 @@ def test_evaluation_scores_the_post_processed_prediction() -> None:
     slices = np.moveaxis(prediction, 2, 0)
     assert score_case(item, slices, {0: "bg", 1: "fg"})["dice/fg"] < 0.9
     assert score_case(item, slices, {0: "bg", 1: "fg"}, [1])["dice/fg"] == 1.0
+
+
+def test_largest_component_flags_default_to_the_models_setting() -> None:
+    from medseg_lightning.cli import build_parser
+
+    parser = build_parser()
+    for verb in (["predict", "--model", "m", "scan.nii.gz", "--out", "o"],
+                 ["evaluate", "--model", "m", "--data", "e.yaml"]):
+        assert parser.parse_args(verb).largest_component is None  # None: the model's inference.largest_component
+        assert parser.parse_args([*verb, "--largest-component"]).largest_component is True
+        assert parser.parse_args([*verb, "--no-largest-component"]).largest_component is False
