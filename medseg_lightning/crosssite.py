@@ -100,6 +100,7 @@ def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = 
             unseen-site Dice against the baseline's in-site Dice, for 4 runs instead of 9.
     """
     from medseg_lightning import tracking
+    from medseg_lightning.tracking.studies import fold_runs_of
 
     check_crossval_config(config)  # "seen in training" numbers come from the cross-validation
     groups, skipped = eligible_groups(config, attribute)
@@ -108,10 +109,16 @@ def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = 
          + (f"; not held out: {', '.join(item['group'] for item in skipped)}" if skipped else ""))
     qualifier = f"{attribute}:{seen_from}" if seen_from else attribute
     with open_study(KIND, config, root, qualifier=qualifier, tags={"medseg.crosssite.attribute": attribute}) as study:
-        crossval = (reference_crossval(study, seen_from) if seen_from
-                    else run_crossval(config, root, parent_run_id=study.run_id, echo=echo))
+        if seen_from:
+            fold_runs_of(study.client, seen_from)  # a wrong run id fails now, not after hours of training
+        else:
+            crossval = run_crossval(config, root, parent_run_id=study.run_id, echo=echo)
+        # the held-out models do not need the reference, which may still be running elsewhere: pair them last
+        held_out = {group: _train_held_out(study, attribute, group, echo) for group in groups}
+        if seen_from:
+            crossval = reference_crossval(study, seen_from)
         study.client.set_tag(study.run_id, "medseg.crossval_run_id", crossval.run_id)
-        results = [_held_out(study, crossval, attribute, group, echo) for group in groups]
+        results = [_paired(study, crossval, attribute, group, run_id) for group, run_id in held_out.items()]
         _log(study, crossval, attribute, results, skipped)
     return CrossSiteResult(study.run_id, study.client.tracking_uri, attribute, crossval, results, skipped)
 
@@ -122,21 +129,28 @@ def reference_crossval(study: Study, run_id: str) -> CrossValResult:
 
     folds = fold_runs_of(study.client, run_id)
     if not folds:
-        raise ValueError(f"--seen-from {run_id}: the run has no finished fold runs")
+        raise StudyError(f"--seen-from {run_id}: the run has no finished fold runs yet; rerun this command when it "
+                         "has (the held-out models are reused)")
     crossval_run = study.client.get_run(next(iter(folds.values()))).data.tags["mlflow.parentRunId"]
     return CrossValResult(crossval_run, study.client.tracking_uri, folds, pooled_report(study, folds))
 
 
-def _held_out(study: Study, crossval: CrossValResult, attribute: str, group: str, echo: Echo) -> HeldOutGroup:
+def _train_held_out(study: Study, attribute: str, group: str, echo: Echo) -> str:
+    """The run id of the model trained and validated without ``group``'s cases and tested on them."""
     overrides = {"data.split.method": "leave_group_out", "data.split.group_attribute": attribute,
                  "data.split.held_out_group": group}
-    run_id = run_child(study, Child(f"{metric_name(attribute)}-{metric_name(group)}", overrides), echo)
+    return run_child(study, Child(f"{metric_name(attribute)}-{metric_name(group)}", overrides), echo)
+
+
+def _paired(study: Study, crossval: CrossValResult, attribute: str, group: str, run_id: str) -> HeldOutGroup:
     unseen = child_test_cases(study, run_id)[["case_id", DICE]].rename(columns={DICE: "dice_out"})
     seen = pd.DataFrame([{"case_id": row["case_id"], "dice_in": row.get(DICE)} for row in crossval.report.cases])
     paired = unseen.merge(seen, on="case_id", how="left")
     if paired["dice_in"].isna().any():
         raise StudyError(f"{attribute} {group}: {int(paired['dice_in'].isna().sum())} held-out case(s) have no "
-                         "cross-validation result")
+                         f"result in cross-validation {crossval.run_id} ({len(crossval.fold_runs)} fold(s) finished); "
+                         "if it is still running, rerun this command when it has finished (the held-out models are "
+                         "reused)")
     return paired_estimates(group, run_id, paired, study.config)
 
 

@@ -16,7 +16,7 @@ from medseg_lightning.config import load_config
 from medseg_lightning.crosssite import eligible_groups, run_crosssite
 from medseg_lightning.crossval import CrossValResult, run_crossval
 from medseg_lightning.data.synth import generate_cohort
-from medseg_lightning.studies import Child, config_hash
+from medseg_lightning.studies import Child, StudyError, config_hash
 from medseg_lightning.tracking.studies import ChildRuns
 
 FAST = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0",
@@ -154,8 +154,17 @@ def test_crosssite_holds_out_each_large_group_and_reuses_the_crossval(
     assert len(_runs(root)) == before + 1  # its own parent run; the held-out models are reused
     assert referenced.crossval.fold_runs == crossval.fold_runs and referenced.run_id != result.run_id
     assert [g.dice_drop.mean for g in referenced.groups] == pytest.approx([g.dice_drop.mean for g in result.groups])
+    before = len(_runs(root))
     with pytest.raises(ValueError, match="not a cross-validation or cross-site run"):
         run_crosssite(config, "site", root, seen_from=crossval.fold_runs[0])
+    assert len(_runs(root)) <= before + 1  # refused before any held-out model was trained
+    # a reference still running (a fold not finished): the held-out models are kept, the pairing waits for a rerun
+    client.update_run(crossval.fold_runs[0], status="RUNNING")
+    with pytest.raises(StudyError, match="rerun this command when it has finished"):
+        run_crosssite(config, "site", root, seen_from=crossval.run_id)
+    client.update_run(crossval.fold_runs[0], status="FINISHED")
+    rerun = run_crosssite(config, "site", root, seen_from=crossval.run_id)
+    assert [g.run_id for g in rerun.groups] == [g.run_id for g in referenced.groups]
 
 
 def test_a_failed_fold_stops_the_study_and_a_rerun_continues(project: tuple[Path, Path], tmp_path: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from medseg_lightning.config_schema import AugmentationConfig
@@ -108,3 +109,32 @@ def test_the_intensity_preset_changes_contrast_and_gamma_more_than_light() -> No
         return float(np.std(rng_ratios))
 
     assert spread("intensity") > 2 * spread("light")
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """The same image and mask, augmented on every read (as the training dataset does)."""
+
+    def __init__(self) -> None:
+        self.augment = build_augmentation(AugmentationConfig(preset="light", transforms=GEOMETRIC))
+        self.image, self.mask = _pair()
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.augment(self.image, self.mask)[0])
+
+
+def _epochs(loader_seed: int, epochs: int = 2, workers: int = 2) -> list[torch.Tensor]:
+    torch.manual_seed(loader_seed)  # what seed_everything does for a run
+    loader = torch.utils.data.DataLoader(_Augmented(), batch_size=None, num_workers=workers)
+    return [torch.stack(list(loader)) for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentation_is_repeatable_with_the_run_seed_and_varies_between_epochs(workers: int) -> None:
+    first, again, other = _epochs(0, workers=workers), _epochs(0, workers=workers), _epochs(1, workers=workers)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # a rerun augments identically
+    assert not torch.equal(first[0], first[1])  # a new epoch draws new augmentations
+    assert not torch.equal(first[0], other[0])  # another seed, other augmentations
+    assert len({tuple(sample.flatten()[::97].tolist()) for sample in first[0]}) == 4  # no two reads alike

@@ -18,6 +18,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at imp
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 
 from medseg_lightning.config_schema import AugmentationConfig
 from medseg_lightning.registry import Registry, unknown_name_message
@@ -107,8 +108,13 @@ def build_augmentation(config: AugmentationConfig) -> Augment | None:
     if not transforms:
         return None
     pipeline = A.Compose(transforms)
+    seeded_with: list[int] = []
 
     def augment(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seed = torch.initial_seed()  # the run's seed in the main process; per worker and epoch in a DataLoader
+        if seeded_with != [seed]:
+            seed_pipeline(pipeline, seed)
+            seeded_with[:] = [seed]
         # albumentations clips float images to [0, 1]: map each channel's range there and back, so z-scored or
         # Hounsfield intensities survive (and the constant border fill becomes the channel minimum)
         low = image.min(axis=(1, 2), keepdims=True)
@@ -119,3 +125,16 @@ def build_augmentation(config: AugmentationConfig) -> Augment | None:
         return restored.astype(np.float32, copy=False), out["mask"]
 
     return augment
+
+
+def seed_pipeline(pipeline: A.Compose, seed: int) -> None:
+    """Seeds every transform with its own stream derived from ``seed``.
+
+    Unseeded, albumentations 2 draws from OS entropy, so a run's augmentations (and its results) could not be
+    repeated; ``Compose.set_random_seed`` alone gives every transform the same stream, so their random choices
+    would be correlated.
+    """
+    pipeline.set_random_seed(seed % 2**32)
+    streams = np.random.SeedSequence(seed).generate_state(len(pipeline.transforms))
+    for transform, stream in zip(pipeline.transforms, streams, strict=True):
+        transform.set_random_seed(int(stream))
