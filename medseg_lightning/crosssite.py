@@ -37,6 +37,7 @@ from medseg_lightning.studies import Child, Echo, Study, StudyError, child_test_
 
 KIND = "cross-site"
 DICE = "dice/mean"
+RERUN_WHEN_FINISHED = "rerun this command when it has finished (the held-out models are reused)"
 
 
 @dataclass
@@ -108,7 +109,8 @@ def run_crosssite(config: ExperimentConfig, attribute: str, root: Path | None = 
     echo(f"cross-{attribute}: holding out {', '.join(groups)}"
          + (f"; not held out: {', '.join(item['group'] for item in skipped)}" if skipped else ""))
     qualifier = f"{attribute}:{seen_from}" if seen_from else attribute
-    with open_study(KIND, config, root, qualifier=qualifier, tags={"medseg.crosssite.attribute": attribute}) as study:
+    tags = {"medseg.crosssite.attribute": attribute}
+    with open_study(KIND, config, root, qualifier=qualifier, label=attribute, tags=tags) as study:
         if seen_from:
             fold_runs_of(study.client, seen_from)  # a wrong run id fails now, not after hours of training
         else:
@@ -129,10 +131,14 @@ def reference_crossval(study: Study, run_id: str) -> CrossValResult:
 
     folds = fold_runs_of(study.client, run_id)
     if not folds:
-        raise StudyError(f"--seen-from {run_id}: the run has no finished fold runs yet; rerun this command when it "
-                         "has (the held-out models are reused)")
+        raise StudyError(f"--seen-from {run_id}: the run has no finished fold runs yet; {RERUN_WHEN_FINISHED}")
     crossval_run = study.client.get_run(next(iter(folds.values()))).data.tags["mlflow.parentRunId"]
-    return CrossValResult(crossval_run, study.client.tracking_uri, folds, pooled_report(study, folds))
+    try:
+        report = pooled_report(study, folds)
+    except StudyError as error:  # a fold not finished (yet) leaves cases untested
+        raise StudyError(f"--seen-from {run_id}: {error} ({len(folds)} fold(s) finished); if it is still running, "
+                         f"{RERUN_WHEN_FINISHED}") from None
+    return CrossValResult(crossval_run, study.client.tracking_uri, folds, report)
 
 
 def _train_held_out(study: Study, attribute: str, group: str, echo: Echo) -> str:
@@ -149,8 +155,7 @@ def _paired(study: Study, crossval: CrossValResult, attribute: str, group: str, 
     if paired["dice_in"].isna().any():
         raise StudyError(f"{attribute} {group}: {int(paired['dice_in'].isna().sum())} held-out case(s) have no "
                          f"result in cross-validation {crossval.run_id} ({len(crossval.fold_runs)} fold(s) finished); "
-                         "if it is still running, rerun this command when it has finished (the held-out models are "
-                         "reused)")
+                         f"if it is still running, {RERUN_WHEN_FINISHED}")
     return paired_estimates(group, run_id, paired, study.config)
 
 

@@ -64,11 +64,13 @@ def config_hash(config: ExperimentConfig) -> str:
 
 @contextmanager
 def open_study(kind: str, config: ExperimentConfig, root: Path, parent_run_id: str | None = None,
-               tags: dict[str, str] | None = None, qualifier: str = "") -> Iterator[Study]:
+               tags: dict[str, str] | None = None, qualifier: str = "", label: str = "") -> Iterator[Study]:
     """The study's parent run (continued on a rerun), ended FINISHED, KILLED (Ctrl-C) or FAILED with the block.
 
     Args:
-        qualifier: what else tells two studies of one config apart (the held-out attribute of a cross-site study).
+        qualifier: what else tells two studies of one config apart (a cross-site study's held-out attribute and
+            reference run); it goes into the study's hash.
+        label: a readable part of the study's folder name (the held-out attribute).
     """
     from medseg_lightning.tracking import studies as tracking
 
@@ -76,7 +78,6 @@ def open_study(kind: str, config: ExperimentConfig, root: Path, parent_run_id: s
     study_digest = hashlib.sha256(f"{digest}:{qualifier}".encode()).hexdigest()[:16] if qualifier else digest
     client, run_id = tracking.open_study_run(config, root, kind, study_digest, f"{kind}-{config.name}", parent_run_id,
                                              tags)
-    label = qualifier.split(":")[0] if qualifier else ""
     folder = root / "mlruns" / "studies" / f"{kind}-{config.name}{'-' + label if label else ''}-{study_digest}"
     folder.mkdir(parents=True, exist_ok=True)
     neutral = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tags": {}, "run_name": None})})
