@@ -268,6 +268,9 @@ class TrainerConfig(StrictModel):
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without improvement; null: off")
     inference_batch_size: int = Field(64, ge=1, description="slices per forward pass at validation and test")
     channels_last: bool = Field(False, description="channels-last memory format for the network and its inputs")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="validate, checkpoint and ship an exponential moving average of the weights "
+        "(over about 1 / (1 - decay) steps, BatchNorm statistics too); null: the weights as trained")
 
 
 class TrackingConfig(StrictModel):

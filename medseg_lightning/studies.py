@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from medseg_lightning.config import config_to_yaml
 from medseg_lightning.config_schema import ExperimentConfig
@@ -55,11 +56,16 @@ class Study:
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """Hash of what determines the results: the resolved config without run names, tags and the fold."""
+    """Hash of what determines the results: the resolved config without run names, tags and the fold.
+
+    Settings left unset (``None``) are left out, so that an optional setting added in a later version (off by
+    default) does not orphan the studies a user ran before it existed: their reruns still find their children.
+    """
     data = config.data.model_copy(update={"split": config.data.split.model_copy(update={"fold": 0})})
     tracking = config.tracking.model_copy(update={"tags": {}, "run_name": None})
     neutral = config.model_copy(update={"data": data, "tracking": tracking})
-    return hashlib.sha256(config_to_yaml(neutral).encode()).hexdigest()[:16]
+    text = yaml.safe_dump(neutral.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @contextmanager

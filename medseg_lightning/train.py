@@ -15,7 +15,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    WeightAveraging,
+)
 
 from medseg_lightning import tracking
 from medseg_lightning.config import config_to_yaml
@@ -161,6 +168,8 @@ def _callbacks(config: ExperimentConfig, logger: Any) -> list[Callback]:
                                        patience=config.trainer.early_stopping_patience))
     if config.tracking.log_overlays:
         callbacks.append(tracking.OverlayCallback(logger, config.data.labels))
+    if config.trainer.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=config.trainer.ema_decay))
     return callbacks
 
 
@@ -168,12 +177,17 @@ def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule,
                    datamodule: SegmentationDataModule) -> dict[str, float]:
     """Validation (and test, when the split has cases) of the best checkpoint; its weights stay in ``module``."""
     metrics: dict[str, float] = {}
+    # A weight-averaging checkpoint holds the averaged weights as its state_dict, as validated during training; the
+    # callback would load the raw weights back into the module (and not swap for test), so it is dropped first.
+    trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, WeightAveraging)]
     best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
-    for results in trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False):
-        metrics.update(results)
-    if datamodule.split_counts().get("test"):
-        for results in trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
+        for results in trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(results)
+        if datamodule.split_counts().get("test"):
+            for results in trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False):
+                metrics.update(results)
     return {key: float(value) for key, value in metrics.items()}
 
 

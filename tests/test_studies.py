@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from pydantic import Field
 
 from medseg_lightning import studies
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
+from medseg_lightning.config_schema import ExperimentConfig, TrainerConfig
 from medseg_lightning.crosssite import eligible_groups, run_crosssite
 from medseg_lightning.crossval import CrossValResult, run_crossval
 from medseg_lightning.data.synth import generate_cohort
@@ -215,6 +217,23 @@ def test_the_config_hash_ignores_fold_names_and_tags_only(project: tuple[Path, P
     assert config_hash(load_config(experiment, [*FAST, "data.split.fold=2", "tracking.run_name=x",
                                                 "tracking.tags={a: b}"])) == base
     assert config_hash(load_config(experiment, [*FAST, "optimizer.lr=0.01"])) != base
+
+
+def test_an_optional_setting_added_later_keeps_the_config_hash(project: tuple[Path, Path]) -> None:
+    """Studies run before an upgrade that adds an optional setting (off by default) are still found by reruns."""
+    _, experiment = project
+
+    class NewerTrainer(TrainerConfig):
+        future_option: float | None = None
+
+    class NewerExperiment(ExperimentConfig):
+        trainer: NewerTrainer = Field(default_factory=NewerTrainer)
+
+    config = load_config(experiment, FAST)
+    dumped = config.model_dump()
+    assert config_hash(NewerExperiment.model_validate(dumped)) == config_hash(config)
+    dumped["trainer"]["future_option"] = 0.5
+    assert config_hash(NewerExperiment.model_validate(dumped)) != config_hash(config)
 
 
 def test_study_commands_refuse_configs_they_cannot_run(project: tuple[Path, Path],

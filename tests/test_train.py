@@ -142,6 +142,21 @@ def test_encoder_freeze_keeps_encoder_and_batchnorm_fixed(tiny_experiment: Path,
     assert not torch.equal(after["network.head.weight"], start["head.weight"])
 
 
+def test_weight_averaging_validates_and_ships_the_averaged_weights(tiny_experiment: Path, tmp_path: Path) -> None:
+    config = load_config(tiny_experiment, [*TINY, "tracking.log_overlays=0", "trainer.ema_decay=0.5"])
+    result = run(config, root=tmp_path)
+    checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert not torch.equal(averaged["network.head.weight"], raw["network.head.weight"])
+    # the final validation of the best checkpoint scores the weights that were scored (and chosen) during training
+    chosen = next(state for name, state in checkpoint["callbacks"].items() if name.startswith("ModelCheckpoint"))
+    assert result.metrics["val/dice"] == pytest.approx(float(chosen["best_model_score"]), abs=1e-6)
+    mlflow.set_tracking_uri(result.tracking_uri)
+    shipped = mlflow.pyfunc.load_model(result.model_uri).unwrap_python_model().bundle.network.state_dict()
+    for key, value in shipped.items():
+        assert torch.equal(value, averaged[f"network.{key}"]), key
+
+
 def test_cli_train_prints_a_summary(tiny_experiment: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     overrides = [item for pair in zip(["--set"] * len(TINY), TINY, strict=True) for item in pair]
