@@ -62,9 +62,11 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
         raise ConfigError("\n".join(_describe(err, sources) for err in _relevant(error.errors()))) from None
 
 
-def config_to_yaml(config: BaseModel) -> str:
-    """The resolved config as YAML, in field order, loadable again with ``load_config``."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+def config_to_yaml(config: BaseModel, exclude_none: bool = False) -> str:
+    """The resolved config as YAML, in field order, loadable again with ``load_config``; optionally without unset
+    (``None``) settings."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=exclude_none), sort_keys=False,
+                          allow_unicode=True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from medseg_lightning.config import config_to_yaml
 from medseg_lightning.config_schema import ExperimentConfig
@@ -64,8 +63,7 @@ def config_hash(config: ExperimentConfig) -> str:
     data = config.data.model_copy(update={"split": config.data.split.model_copy(update={"fold": 0})})
     tracking = config.tracking.model_copy(update={"tags": {}, "run_name": None})
     neutral = config.model_copy(update={"data": data, "tracking": tracking})
-    text = yaml.safe_dump(neutral.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(config_to_yaml(neutral, exclude_none=True).encode()).hexdigest()[:16]
 
 
 @contextmanager
