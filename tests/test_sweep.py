@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -17,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from medseg_lightning.cli import main
 from medseg_lightning.config import ConfigError, load_config
 from medseg_lightning.sweep.config import load_sweep
+from medseg_lightning.sweep.study import open_storage
 
 from .conftest import REPO
 from .postgres import drop_database, fresh_database, postgres_url
@@ -47,7 +50,8 @@ def _write_sweep(folder: Path, name: str = "study", **fields: object) -> Path:
 
 
 def _study(path: Path) -> optuna.Study:
-    return optuna.load_study(study_name=path.stem, storage=f"sqlite:///{path.with_name(path.stem + '.optuna.db')}")
+    storage = open_storage(f"sqlite:///{path.with_name(path.stem + '.optuna.db')}")  # may race the sweep's schema
+    return optuna.load_study(study_name=path.stem, storage=storage)
 
 
 def _trial_states(path: Path) -> list[str]:
@@ -232,6 +236,33 @@ def test_two_workers_share_one_study_in_postgresql(sweep_folder: Path) -> None:
     finally:
         drop_database(optuna_url)
         drop_database(mlflow_url)
+
+
+def _open_together(url: str, barrier: Any, errors: Any) -> None:
+    barrier.wait()
+    try:
+        open_storage(url)
+    except Exception as error:  # reported to the parent, which asserts there are none
+        errors.put(f"{type(error).__name__}: {error}"[:200])
+
+
+def test_workers_that_open_a_new_study_database_together_all_get_it(tmp_path: Path) -> None:
+    """Workers started at once on a fresh database race to create its tables; none may fail for it."""
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for attempt in range(4):
+        url = f"sqlite:///{tmp_path / f'fresh{attempt}.db'}"
+        barrier = context.Barrier(3)
+        workers = [context.Process(target=_open_together, args=(url, barrier, errors)) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == []
 
 
 def test_concurrent_trials_get_disjoint_gpu_sets(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from medseg_lightning.sweep.study import (
     best_trials,
     budget_reached,
     finished_count,
+    open_storage,
     open_study,
     redact,
     storage_url,
@@ -173,7 +174,7 @@ def refresh_report(path: Path, overrides: list[str] | None = None, root: Path | 
 def _load_study(sweep: SweepConfig, path: Path) -> optuna.Study:
     url = storage_url(sweep, path)
     try:
-        return optuna.load_study(study_name=sweep.name, storage=url)
+        return optuna.load_study(study_name=sweep.name, storage=open_storage(url))
     except KeyError:
         raise ValueError(f"no study {sweep.name!r} in {redact(url)} yet: start it with medseg sweep {path}") from None
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -33,6 +35,25 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
+_SCHEMA_RACE = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError)
+
+
+def open_storage(url: str, attempts: int = 5, **kwargs: Any) -> RDBStorage:
+    """Optuna's storage at ``url``, creating its tables on first use.
+
+    Retried because two processes that open a new database at once race to create its schema, and the loser
+    gets a unique-constraint or "already exists" error (Optuna does not lock it): workers started together on a
+    fresh PostgreSQL database, or ``medseg sweep status`` while the first worker starts. A retry finds the
+    schema made.
+    """
+    for attempt in range(1, attempts):
+        try:
+            return RDBStorage(url, **kwargs)
+        except _SCHEMA_RACE:
+            time.sleep(0.2 * attempt)
+    return RDBStorage(url, **kwargs)  # the last attempt raises what it meets
+
+
 def open_study(sweep: SweepConfig, url: str) -> optuna.Study:
     """Creates the study or continues it; heartbeats let a later worker fail and retry trials of a dead one.
 
@@ -42,8 +63,8 @@ def open_study(sweep: SweepConfig, url: str) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in practice
         retry = RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retries) if sweep.max_retries else None
-        storage = RDBStorage(url, heartbeat_interval=sweep.heartbeat_interval, grace_period=sweep.grace_period,
-                             heartbeat_stale_trial_callback=retry, engine_kwargs={"pool_pre_ping": True})
+        storage = open_storage(url, heartbeat_interval=sweep.heartbeat_interval, grace_period=sweep.grace_period,
+                               heartbeat_stale_trial_callback=retry, engine_kwargs={"pool_pre_ping": True})
     directions = [objective.direction for objective in sweep.objectives]
     study = optuna.create_study(study_name=sweep.name, storage=storage, load_if_exists=True,
                                 sampler=make_sampler(sweep.sampler, len(directions)),
