@@ -238,31 +238,23 @@ def test_two_workers_share_one_study_in_postgresql(sweep_folder: Path) -> None:
         drop_database(mlflow_url)
 
 
-def _open_together(url: str, barrier: Any, errors: Any) -> None:
+def _open_together(url: str, barrier: Any) -> None:
     barrier.wait()
-    try:
-        open_storage(url)
-    except Exception as error:  # reported to the parent, which asserts there are none
-        errors.put(f"{type(error).__name__}: {error}"[:200])
+    open_storage(url)  # an error fails the process: exit code 1
 
 
 def test_workers_that_open_a_new_study_database_together_all_get_it(tmp_path: Path) -> None:
     """Workers started at once on a fresh database race to create its tables; none may fail for it."""
     context = multiprocessing.get_context("fork")
-    errors = context.Queue()
     for attempt in range(4):
         url = f"sqlite:///{tmp_path / f'fresh{attempt}.db'}"
         barrier = context.Barrier(3)
-        workers = [context.Process(target=_open_together, args=(url, barrier, errors)) for _ in range(3)]
+        workers = [context.Process(target=_open_together, args=(url, barrier)) for _ in range(3)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join(60)
         assert [worker.exitcode for worker in workers] == [0, 0, 0]
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert failures == []
 
 
 def test_concurrent_trials_get_disjoint_gpu_sets(monkeypatch: pytest.MonkeyPatch) -> None:
