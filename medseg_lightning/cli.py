@@ -280,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from medseg_lightning.provenance import set_command
+
     args = build_parser().parse_args(argv)
+    set_command(sys.argv[1:] if argv is None else list(argv))
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medseg_lightning.protocol import check_selection_metric
+
 
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
@@ -263,7 +265,8 @@ class TrainerConfig(StrictModel):
     limit_train_batches: float | int = Field(1.0, description="fraction or number of training batches per epoch")
     check_val_every_n_epoch: int = Field(1, ge=1)
     log_every_n_steps: int = Field(10, ge=1)
-    monitor: str = Field("val/dice", description="metric for checkpointing and early stopping")
+    monitor: str = Field("val/dice", description="validation metric for checkpointing and early stopping (a test/ "
+                         "metric is refused: test must not choose the model)")
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without improvement; null: off")
     inference_batch_size: int = Field(64, ge=1, description="slices per forward pass at validation and test")
@@ -271,6 +274,14 @@ class TrainerConfig(StrictModel):
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="validate, checkpoint and ship an exponential moving average of the weights "
         "(over about 1 / (1 - decay) steps, BatchNorm statistics too); null: the weights as trained")
+    evaluate_test: bool = Field(
+        True, description="test the best model at the end of training; false for tuning (development mode: the "
+        "test split is never looked at; evaluate it once at the end with medseg evaluate --split test)")
+
+    @model_validator(mode="after")
+    def _check_monitor(self) -> TrainerConfig:
+        check_selection_metric(self.monitor, "trainer.monitor")
+        return self
 
 
 class TrackingConfig(StrictModel):

@@ -50,6 +50,9 @@ def check_crossval_config(config: ExperimentConfig) -> None:
         raise ValueError(f"cross-validation needs data.split.method: kfold and data.split.holdout: test (each fold "
                          f"held out as a test set); this experiment has method {split.method!r}, holdout "
                          f"{split.holdout!r}")
+    if not config.trainer.evaluate_test:
+        raise ValueError("cross-validation tests every fold, so it needs trainer.evaluate_test: true; choose the "
+                         "settings first with medseg train on a fold's validation split (evaluate_test: false)")
 
 
 def load_cohort(config: ExperimentConfig) -> list[Case]:

@@ -5,12 +5,17 @@ Plain functions with no MLflow import, so model cards and evaluations can state 
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
 import yaml
+
+COMMAND_TAG = "medseg.command"
+_command: str | None = None
 
 PACKAGES = ("medseg-lightning", "torch", "torchvision", "lightning", "timm", "torchmetrics", "mlflow", "optuna",
             "albumentations", "nibabel", "numpy", "safetensors")
@@ -50,3 +55,15 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def set_command(argv: Sequence[str]) -> None:
+    """Remembers the ``medseg`` command line of this process, as a user would retype it (``medseg crossval ...``)."""
+    global _command
+    _command = shlex.join(["medseg", *argv])
+
+
+def command_tags() -> dict[str, str]:
+    """``{"medseg.command": ...}`` when the process was started from the command line, so a result table can say
+    which command produced each row; empty for library calls."""
+    return {COMMAND_TAG: _command[:5000]} if _command else {}

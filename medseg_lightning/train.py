@@ -50,6 +50,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
     seconds: float = 0.0
+    test_held_back: int = 0  # test cases not evaluated (trainer.evaluate_test: false)
 
 
 def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | None = None) -> RunResult:
@@ -93,13 +94,14 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
     try:
         last = checkpoints / "last.ckpt" if resume and checkpoints else None
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last and last.is_file() else None)
-        metrics = _evaluate_best(trainer, module, datamodule)
+        metrics = _evaluate_best(trainer, module, datamodule, test=config.trainer.evaluate_test)
     finally:
         if monitor is not None:
             monitor.finish()
     result = RunResult(run_id=logger.run_id or "", experiment_name=logger._experiment_name,
                        tracking_uri=logger._tracking_uri or "", best_checkpoint=checkpoint.best_model_path,
-                       best_epoch=_epoch_of(checkpoint.best_model_path), metrics=metrics)
+                       best_epoch=_epoch_of(checkpoint.best_model_path), metrics=metrics,
+                       test_held_back=0 if config.trainer.evaluate_test else datamodule.split_counts().get("test", 0))
     if trainer.is_global_zero:
         result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path, root)
         if link and pruning:
@@ -173,9 +175,10 @@ def _callbacks(config: ExperimentConfig, logger: Any) -> list[Callback]:
     return callbacks
 
 
-def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule,
-                   datamodule: SegmentationDataModule) -> dict[str, float]:
-    """Validation (and test, when the split has cases) of the best checkpoint; its weights stay in ``module``."""
+def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule, datamodule: SegmentationDataModule,
+                   test: bool = True) -> dict[str, float]:
+    """Validation (and test, when the split has cases and ``test``) of the best checkpoint; its weights stay in
+    ``module``."""
     metrics: dict[str, float] = {}
     # A weight-averaging checkpoint holds the averaged weights as its state_dict, as validated during training; the
     # callback would load the raw weights back into the module (and not swap for test), so it is dropped first.
@@ -185,7 +188,7 @@ def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule,
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
         for results in trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False):
             metrics.update(results)
-        if datamodule.split_counts().get("test"):
+        if test and datamodule.split_counts().get("test"):
             for results in trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False):
                 metrics.update(results)
     return {key: float(value) for key, value in metrics.items()}

@@ -35,5 +35,5 @@ def test_prepare_and_iterate_hippocampus(data_root: Path, tmp_path: Path) -> Non
         seen += len(batch["image"])
     assert seen == len(loader.sampler)
     val_cases = [item for batch in module.val_dataloader() for item in batch]
-    assert len(val_cases) == 40
+    assert len(val_cases) == 32  # the inner validation split: 20% of the 160 non-test subjects
     assert all(item["image"].shape[0] == item["meta"]["shape"][3] for item in val_cases)  # all slices of a case

@@ -137,15 +137,22 @@ class PreprocessCache:
 
     def case_key(self, case: Case) -> str:
         """Digest of the settings and the content of the case's files."""
+        return hashlib.sha256("|".join([self.settings, *self._content_parts(case)]).encode()).hexdigest()
+
+    def content_key(self, case: Case) -> str:
+        """Digest of the content of the case's files only: the same patient whatever the settings."""
+        return hashlib.sha256("|".join(self._content_parts(case)).encode()).hexdigest()
+
+    def _content_parts(self, case: Case) -> list[str]:
         paths = [*case.image_paths, *([case.mask_path] if case.mask_path else []), *case.files.values()]
         missing = [str(path) for path in paths if not path.is_file() and not path.is_dir()]
         if missing:
             raise DataError(f"{missing[0]}: file not found")
-        parts = [self.settings]
+        parts = []
         for path in paths:  # a slice folder contributes its slices' names too: they give the slice order
             parts += ([f"{f.name}:{self.digests.digest(f)}" for f in _content_files(path)] if path.is_dir()
                       else [self.digests.digest(path)])
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+        return parts
 
     def entry_dir(self, case: Case, key: str) -> Path:
         return self.root / "cases" / f"{_UNSAFE.sub('_', case.case_id)}-{key[:20]}"

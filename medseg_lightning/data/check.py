@@ -38,6 +38,7 @@ class PreparedDataset:
     splits: dict[str, str]
     fingerprint: dict[str, Any]
     problems: list[Problem] = field(default_factory=list)
+    content_keys: dict[str, str] = field(default_factory=dict)  # case id -> digest of its files' content
 
     def split(self, name: str) -> list[PreparedCase]:
         return [case for case in self.cases if self.splits.get(case.case.case_id) == name]
@@ -74,7 +75,8 @@ def prepare_dataset(config: DataConfig, cache_dir: Path | None = None, workers: 
     problems += [problem for _, case_problems in outcomes for problem in case_problems]
     problems += _consistency(prepared, config)
     fingerprint = dataset_fingerprint(prepared, cache.settings, config) if prepared else {}
-    return PreparedDataset(prepared, splits, fingerprint, problems)
+    content = {case.case.case_id: cache.content_key(case.case) for case in prepared}  # digests are memoised
+    return PreparedDataset(prepared, splits, fingerprint, problems, content)
 
 
 def _duplicate_ids(cases: list[Case]) -> list[Problem]:

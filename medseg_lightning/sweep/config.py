@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from medseg_lightning.config import ConfigError, load_config
 from medseg_lightning.config_schema import ExperimentConfig, StrictModel
 from medseg_lightning.launch import override
+from medseg_lightning.protocol import check_selection_metric
 
 
 class FloatParam(StrictModel):
@@ -89,8 +90,13 @@ class PrunerConfig(StrictModel):
 class Objective(StrictModel):
     """A metric the training run logs (its value for the best checkpoint) and whether to raise or lower it."""
 
-    metric: str = "val/dice"
+    metric: str = Field("val/dice", description="a validation metric (a test/ metric is refused)")
     direction: Literal["maximize", "minimize"] = "maximize"
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> Objective:
+        check_selection_metric(self.metric, "objective")
+        return self
 
 
 class TrialResources(StrictModel):

@@ -25,7 +25,10 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.provenance import dvc_state, git_state, package_versions
+from medseg_lightning.protocol import configuration_hash
+from medseg_lightning.provenance import command_tags, dvc_state, git_state, package_versions
+
+CONFIG_HASH_TAG = "medseg.config_hash"
 
 RUN_ID_ENV = "MEDSEG_RUN_ID"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for a few small files are noise
@@ -108,8 +111,8 @@ def log_provenance(logger: MLFlowLogger, config: ExperimentConfig, config_yaml: 
     versions = package_versions()
     tags = {**git_state(root), **dvc_state(config.data.source),
             "medseg.version": versions.get("medseg-lightning", "unknown"),
-            "data.fingerprint": fingerprint.get("fingerprint", ""),
-            **{f"data.n_{split}": str(count) for split, count in split_counts.items()}}
+            "data.fingerprint": fingerprint.get("fingerprint", ""), CONFIG_HASH_TAG: configuration_hash(config),
+            **command_tags(), **{f"data.n_{split}": str(count) for split, count in split_counts.items()}}
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.provenance import dvc_state, git_state, package_versions
+from medseg_lightning.provenance import command_tags, dvc_state, git_state, package_versions
 from medseg_lightning.tracking import log_dataset_input, resolve_store, resolve_store_from_env, using_store
 
 SOURCE_RUN_TAG = "medseg.source_run_id"
@@ -59,7 +59,7 @@ def evaluation_run(config: ExperimentConfig, root: Path, model_uri: str, split: 
     tags = {"medseg.kind": "evaluation", MODEL_URI_TAG: model_uri, "medseg.split": split,
             "data.fingerprint": fingerprint.get("fingerprint", ""), **git_state(root),
             **dvc_state(config.data.source), "medseg.version": package_versions().get("medseg-lightning", "unknown"),
-            **({SOURCE_RUN_TAG: source} if source else {}), **config.tracking.tags}
+            **({SOURCE_RUN_TAG: source} if source else {}), **command_tags(), **config.tracking.tags}
     run = client.create_run(experiment_id, run_name=config.tracking.run_name or f"evaluate-{split}", tags=tags)
     run_id = run.info.run_id
     try:

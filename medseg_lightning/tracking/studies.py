@@ -20,7 +20,7 @@ from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.provenance import git_state
+from medseg_lightning.provenance import command_tags, git_state
 from medseg_lightning.tracking import resolve_store
 from medseg_lightning.tracking.sweep import PARENT_TAG, experiment_id
 
@@ -48,12 +48,15 @@ def open_study_run(config: ExperimentConfig, root: Path, kind: str, config_hash:
     if earlier:
         run_id = earlier[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for key, value in command_tags().items():  # the command that continued (and so completed) the study
+            client.set_tag(run_id, key, value)
         for key, value in extra.items():
             if key != PARENT_TAG or PARENT_TAG not in earlier[0].data.tags:  # a study keeps the parent it had
                 client.set_tag(run_id, key, value)
         return client, run_id
     run = client.create_run(experiment, run_name=run_name,
-                            tags={KIND_TAG: kind, HASH_TAG: config_hash, **git_state(root), **extra})
+                            tags={KIND_TAG: kind, HASH_TAG: config_hash, **git_state(root), **command_tags(),
+                                  **extra})
     return client, run.info.run_id
 
 
