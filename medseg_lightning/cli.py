@@ -153,8 +153,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from medseg_lightning.summaries import format_evaluation
 
     config = load_config(args.data, args.overrides)
-    result = run_evaluation(args.model, config, split=args.split, largest_component=args.largest_component)
+    result = run_evaluation(args.model, config, split=args.split, largest_component=args.largest_component,
+                            warn=lambda text: print(text, file=sys.stderr))
     print(format_evaluation(result.report))
+    if result.test_looks is not None:
+        print(result.test_looks.line())
     print(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,7 @@ class RunContext:
     source_run_id: str | None = None
     analyses: dict[str, Any] = field(default_factory=dict)  # study results for the card: cross_validation, cross_site
     caveats: list[str] = field(default_factory=list)  # caveats that follow from those results
+    test_looks: Any = None  # SplitLooks: evaluations of the card's test split in the store
 
 
 def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, folder: Path) -> RunOutputs:
@@ -81,6 +83,7 @@ def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, fol
         dataset_fingerprint=context.fingerprint, dvc_hash=dvc_state(context.config.data.source).get("data.dvc_md5"),
         source_model=context.source_model, source_run_id=context.source_run_id, analyses=context.analyses,
         study_caveats=context.caveats,
+        test_looks=context.test_looks.as_dict() if context.test_looks is not None and card_split == "test" else None,
     )
     outputs.card = build_card(inputs)
     outputs.description = render_summary(outputs.card)
@@ -129,18 +132,31 @@ class EvaluationResult:
     tracking_uri: str
     report: EvaluationReport
     seconds: float
+    test_looks: Any = None  # SplitLooks of the evaluated test split, this evaluation included
+
+
+def evaluated_configuration(bundle: ModelBundle, config: ExperimentConfig) -> str:
+    """The configuration hash of what is evaluated: the model's training settings with the inference settings
+    this evaluation applies (post-processing chosen per call is part of the configuration)."""
+    from medseg_lightning.protocol import configuration_hash
+
+    return configuration_hash(bundle.config.model_copy(update={"inference": config.inference}))
 
 
 def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "test",
-                   root: Path | None = None, largest_component: bool | None = None) -> EvaluationResult:
+                   root: Path | None = None, largest_component: bool | None = None,
+                   warn: Callable[[str], None] = print) -> EvaluationResult:
     """Evaluates a model on one split of the experiment's data, as its own MLflow run linked to the model's run.
 
     Args:
         largest_component: keep only the largest connected component of every class (default: the model's
             ``inference.largest_component``, as ``medseg predict`` does).
+        warn: where the note goes when other configurations have already been evaluated on this test split.
     """
     from medseg_lightning import tracking
+    from medseg_lightning.protocol import split_definition, split_key_of
     from medseg_lightning.tracking.evaluation import evaluation_run, log_metrics, source_run_id
+    from medseg_lightning.tracking.test_looks import count_test_looks, record_test_look
 
     started = time.perf_counter()
     root = root or tracking.project_root(Path.cwd())
@@ -158,7 +174,18 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
     if not cases:
         counts = ", ".join(f"{name} {count}" for name, count in datamodule.split_counts().items())
         raise ValueError(f"split {split!r} has no cases ({counts}); check data.split or pass --split")
+    config_hash = evaluated_configuration(bundle, config)
+    key = split_key_of(datamodule.dataset, split)
+    looks = None
     with evaluation_run(config, root, model_spec, split, datamodule.dataset.fingerprint) as (client, run_id):
+        if split == "test":
+            earlier = count_test_looks(client, key, config_hash)
+            if earlier.others:
+                warn(f"note: {earlier.line()} ({earlier.others} other than this one). Choosing among them by these "
+                     "scores makes the chosen score optimistic: compare configurations on validation "
+                     "(--split val) and evaluate the chosen one on test once.")
+            record_test_look(client, run_id, key, split_definition(config.data.split), config_hash)
+            looks = count_test_looks(client, key, config_hash)
         dataset = CaseDataset(cases, config.data.slicing.context)
         if config.task == "instance" or config.data.instances is not None:
             from medseg_lightning.lit_instance import evaluate_instance_cases
@@ -172,11 +199,11 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
             config=config, kind="evaluation", run_id=run_id, root=root, split_counts=datamodule.split_counts(),
             group_counts=split_group_counts({s: datamodule.dataset.split(s) for s in SPLITS}, config.fairness),
             fingerprint=datamodule.dataset.fingerprint, source_model=model_spec,
-            source_run_id=source_run_id(model_spec, root))
+            source_run_id=source_run_id(model_spec, root), test_looks=looks)
         with tempfile.TemporaryDirectory() as tmp:
             outputs = write_outputs({split: report}, context, Path(tmp))
             for folder, files in outputs.files.items():
                 tracking.log_report(client, run_id, files, folder, {}, None)
             tracking.log_report(client, run_id, [], "", outputs.tags, outputs.description or None)
     return EvaluationResult(run_id=run_id, tracking_uri=client.tracking_uri, report=report,
-                            seconds=time.perf_counter() - started)
+                            seconds=time.perf_counter() - started, test_looks=looks)

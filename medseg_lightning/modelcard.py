@@ -64,6 +64,7 @@ class CardInputs:
     source_run_id: str | None = None
     analyses: dict[str, Any] = field(default_factory=dict)  # ``cross_validation`` and ``cross_site`` results
     study_caveats: list[str] = field(default_factory=list)
+    test_looks: dict[str, int] | None = None  # {"evaluations": N, "configurations": M} of this test split
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,12 @@ def generated_caveats(inputs: CardInputs) -> list[str]:
     if _pixel_units(inputs):
         caveats.append("Voxel spacing is unknown (e.g. 2D PNG/TIFF images): HD95 and ASSD are in pixels and volumes "
                        "are voxel counts, so they cannot be compared with results in physical units.")
+    looks = inputs.test_looks or {}
+    if looks.get("configurations", 0) > 1:
+        caveats.append(f"This test split has been evaluated {looks['evaluations']} times by {looks['configurations']} "
+                       "distinct configurations (every test evaluation is counted in the tracking store). If this "
+                       "configuration was chosen among them by its test score, that score is optimistic: choose on "
+                       "validation and report the chosen configuration's test score once.")
     caveats += inputs.study_caveats
     if not inputs.config.model_card.intended_use.strip():
         caveats.append("The intended use is not stated: fill in `model_card.intended_use` before sharing this model.")
@@ -215,7 +222,8 @@ def _evaluation_data(inputs: CardInputs) -> dict[str, Any]:
     return {"split": inputs.evaluation_split, "n_cases": _n_cases(inputs),
             "group_counts": inputs.group_counts.get(inputs.evaluation_split, {}),
             "min_group_size": _settings(inputs).min_group_size,
-            "dataset_fingerprint": inputs.dataset_fingerprint.get("fingerprint"), "dvc_hash": inputs.dvc_hash}
+            "dataset_fingerprint": inputs.dataset_fingerprint.get("fingerprint"), "dvc_hash": inputs.dvc_hash,
+            "test_looks": inputs.test_looks}
 
 
 def _training_data(inputs: CardInputs) -> dict[str, Any]:

@@ -112,6 +112,10 @@ def _layout_evaluation(card: dict[str, Any]) -> list[Block]:
     facts = [f"**Split**: {s['split']}", f"**Cases**: {fmt_count(s['n_cases'])}",
              f"**Dataset fingerprint** (sha256): `{s['dataset_fingerprint'] or 'unknown'}`"]
     facts += [f"**DVC hash**: `{s['dvc_hash']}`"] if s["dvc_hash"] else []
+    looks = s.get("test_looks")
+    if looks:
+        facts.append(f"**Test looks**: this test split has been evaluated {looks['evaluations']} time(s) by "
+                     f"{looks['configurations']} distinct configuration(s), this one included")
     return [("ul", facts), *_count_table(s["group_counts"], s["min_group_size"])]
 
 

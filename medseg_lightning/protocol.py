@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the schema's validators use this module, so it must not import the schema at run time
     from medseg_lightning.config_schema import ExperimentConfig, SplitConfig
+    from medseg_lightning.data.check import PreparedDataset
 
 SELECTION_SPLITS = ("val/", "train/")
 
@@ -65,10 +66,15 @@ def split_definition(split: SplitConfig) -> dict[str, Any]:
     return fields
 
 
-def test_split_key(case_digests: Iterable[str]) -> str:
+def split_key(case_digests: Iterable[str]) -> str:
     """One key per test set: a hash of its cases' file contents, so the same patients are the same split whatever
     the preprocessing, the experiment name or the way the split was defined (and no case id is stored)."""
     return hashlib.sha256("|".join(sorted(case_digests)).encode()).hexdigest()[:20]
+
+
+def split_key_of(dataset: PreparedDataset, split: str = "test") -> str:
+    """The key of one split of a prepared dataset (see ``split_key``)."""
+    return split_key(dataset.content_keys[case.case.case_id] for case in dataset.split(split))
 
 
 def _without_none(value: Any) -> Any:

@@ -34,6 +34,8 @@ def format_summary(result: RunResult) -> str:
         for key in sorted(k for k in metrics if k.startswith(f"{split}/fairness/") and k.endswith("/dice_gap")):
             attribute = key.split("/")[2]
             lines.append(f"    fairness {attribute}: dice gap {_interval(metrics, key)}")
+    if result.test_looks is not None:
+        lines.append(f"  {result.test_looks.line()}")
     if result.test_held_back:
         lines.append(f"  test: not evaluated ({result.test_held_back} cases held back, trainer.evaluate_test: false); "
                      f"when the settings are final, evaluate once: medseg evaluate --model runs:/{result.run_id} "

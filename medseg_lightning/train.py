@@ -33,8 +33,10 @@ from medseg_lightning.lit_module import SegmentationModule
 from medseg_lightning.losses import create_loss
 from medseg_lightning.model_io import build_network, predict_slices, save_bundle
 from medseg_lightning.postprocess import classes_to_clean
+from medseg_lightning.protocol import configuration_hash, split_definition, split_key_of
 from medseg_lightning.scoring import split_group_counts
 from medseg_lightning.sweep.trial import PruningCallback, trial_link, write_result
+from medseg_lightning.tracking.test_looks import SplitLooks, count_test_looks, record_test_look
 from medseg_lightning.transfer import load_pretrained
 
 
@@ -50,6 +52,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
     seconds: float = 0.0
+    test_looks: SplitLooks | None = None  # the store's count of evaluations of this run's test split
     test_held_back: int = 0  # test cases not evaluated (trainer.evaluate_test: false)
 
 
@@ -103,7 +106,10 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
                        best_epoch=_epoch_of(checkpoint.best_model_path), metrics=metrics,
                        test_held_back=0 if config.trainer.evaluate_test else datamodule.split_counts().get("test", 0))
     if trainer.is_global_zero:
-        result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path, root)
+        if "test" in module.reports:
+            result.test_looks = _record_test_look(logger, config, datamodule)
+        result.model_uri = _log_outputs(logger, module, datamodule, config, checkpoint.best_model_path, root,
+                                        result.test_looks)
         if link and pruning:
             write_result(link, result.run_id, metrics, pruning.pruned_at, trainer.current_epoch)
     result.seconds = time.perf_counter() - started
@@ -200,14 +206,23 @@ def _epoch_of(checkpoint: str) -> int:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("epoch", -1))
 
 
+def _record_test_look(logger: Any, config: ExperimentConfig, datamodule: SegmentationDataModule) -> SplitLooks:
+    """Tags the run as one look at its test split and counts the looks the store holds (this one included)."""
+    config_hash = configuration_hash(config)
+    key = split_key_of(datamodule.dataset)
+    record_test_look(logger.experiment, logger.run_id, key, split_definition(config.data.split), config_hash)
+    return count_test_looks(logger.experiment, key, config_hash)
+
+
 def _log_outputs(logger: Any, module: SegmentationModule, datamodule: SegmentationDataModule,
-                 config: ExperimentConfig, best_checkpoint: str, root: Path) -> str | None:
+                 config: ExperimentConfig, best_checkpoint: str, root: Path,
+                 test_looks: SplitLooks | None = None) -> str | None:
     """Reports and model card of the best model, the best checkpoint, and the model (safetensors + config)."""
     dataset = datamodule.dataset
     context = RunContext(
         config=config, kind="training", run_id=logger.run_id, root=root, split_counts=datamodule.split_counts(),
         group_counts=split_group_counts({split: dataset.split(split) for split in SPLITS}, config.fairness),
-        fingerprint=dataset.fingerprint)
+        fingerprint=dataset.fingerprint, test_looks=test_looks)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         outputs = write_outputs(module.reports, context, folder)
