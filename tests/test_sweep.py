@@ -33,7 +33,7 @@ TINY = {"model": {"encoder": "test_resnet"}, "trainer": {"accelerator": "cpu", "
 def sweep_folder(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A tiny experiment over the synthetic cohort; the working directory (and MLflow store) is ``tmp_path``."""
     data = {"source": str(cohort), "labels": {0: "background", 1: "organ", 2: "lesion"},
-            "preprocessing": {"target_size": [32, 32]}, "split": {"n_folds": 3},
+            "preprocessing": {"target_size": [32, 32]}, "split": {"n_folds": 3, "test_fraction": 0.25},
             "loader": {"batch_size": 4, "num_workers": 0}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"name": "tiny", "data": data, **TINY}))
     monkeypatch.chdir(tmp_path)
@@ -114,6 +114,7 @@ def test_sweep_runs_trials_as_nested_mlflow_runs_and_reports_the_best(
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
         assert run.data.params["model.arch"] == trial.params["model.arch"]
         assert run.data.metrics["val/dice"] == pytest.approx(trial.value)
+        assert not [key for key in run.data.metrics if key.startswith("test/")]  # trials never look at test
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] == 3
     assert parent.data.metrics["best/val/dice"] == pytest.approx(study.best_value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -122,6 +123,7 @@ def test_sweep_runs_trials_as_nested_mlflow_runs_and_reports_the_best(
     config = load_config(best)  # ready for medseg train: the best parameters, no sweep nesting tags
     assert config.optimizer.lr == pytest.approx(study.best_params["optimizer.lr"])
     assert not any(key.startswith(("mlflow.", "optuna.")) for key in config.tracking.tags)
+    assert config.trainer.evaluate_test  # the chosen configuration is then tested, once
     capsys.readouterr()
     assert main(["sweep", str(path)]) == 0  # the budget is spent: a rerun starts nothing
     assert len(_study(path).trials) == 3

@@ -81,8 +81,10 @@ def best_config(trial: optuna.trial.FrozenTrial, folder: Path,
     tracking["tags"] = {k: v for k, v in (tracking.get("tags") or {}).items()
                         if not k.startswith(TRIAL_TAG_PREFIXES)}
     tracking["run_name"] = None
+    config.setdefault("trainer", {})["evaluate_test"] = True  # the chosen configuration's one look at test
     target = folder / "best_config.yaml"
-    header = f"# Best trial {trial.number} of the sweep (MLflow run {run_id}): medseg train {target.name}\n"
+    header = (f"# Best trial {trial.number} of the sweep (MLflow run {run_id}), chosen on validation. Train it once "
+              f"with its test evaluation: medseg train {target.name}\n")
     target.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return target
 

@@ -116,7 +116,9 @@ def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
 def trial_overrides(context: SweepContext, number: int, params: dict[str, Any]) -> list[str]:
     """Fixed overrides, the trial's parameters, its resources and the MLflow nesting, as ``--set`` items."""
     resources = context.sweep.resources
-    items = [*fixed_overrides(context.sweep), *(override(name, value) for name, value in params.items())]
+    # trials are chosen between on validation, so they never look at test (the sweep's overrides may say otherwise)
+    items = [override("trainer.evaluate_test", False), *fixed_overrides(context.sweep),
+             *(override(name, value) for name, value in params.items())]
     items.append(override("trainer.devices", resources.devices))
     if resources.accelerator:
         items.append(override("trainer.accelerator", resources.accelerator))
