@@ -29,6 +29,12 @@ def _add_experiment(parser: argparse.ArgumentParser) -> None:
                         help="override a config field, e.g. --set data.loader.batch_size=8 (repeatable)")
 
 
+def _add_seeds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="repeat with N seeds (the experiment's seed, seed + 1, ...) under one parent run: mean "
+                             "and standard deviation over seeds, intervals over cases of the seed-averaged metrics")
+
+
 def _config_show(args: argparse.Namespace) -> int:
     print(config_to_yaml(load_config(args.experiment, args.overrides)), end="")
     return 0
@@ -107,6 +113,14 @@ def _train(args: argparse.Namespace) -> int:
     from medseg_lightning.train import run
 
     config = load_config(args.experiment, args.overrides)
+    if args.seeds is not None and args.seeds > 1:
+        if args.resume:
+            raise ValueError("--seeds and --resume: rerun the same --seeds command to continue the repeats (finished "
+                             "seeds are reused, an interrupted one resumes)")
+        from medseg_lightning.repeats import run_repeats
+        from medseg_lightning.summaries import format_repeats
+
+        return _study(lambda: format_repeats(run_repeats(config, args.seeds)))
     result = run(config, resume=args.resume)
     if tracking.is_global_zero():
         print(format_summary(result))
@@ -118,7 +132,7 @@ def _crossval(args: argparse.Namespace) -> int:
     from medseg_lightning.summaries import format_crossval
 
     config = load_config(args.experiment, args.overrides)
-    return _study(lambda: format_crossval(run_crossval(config)))
+    return _study(lambda: format_crossval(run_crossval(config, n_seeds=args.seeds or 1)))
 
 
 def _crosssite(args: argparse.Namespace) -> int:
@@ -213,10 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train, validate and test an experiment, tracked in MLflow")
     _add_experiment(train)
     train.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    _add_seeds(train)
     train.set_defaults(handler=_train)
 
     crossval = verbs.add_parser("crossval", help="train every fold; pool the test predictions into one audit and card")
     _add_experiment(crossval)
+    _add_seeds(crossval)
     crossval.set_defaults(handler=_crossval)
 
     crosssite = verbs.add_parser("crosssite", help="hold out each site in turn: Dice seen vs unseen in training")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,14 @@ KIND = "cross-validation"
 
 @dataclass
 class CrossValResult:
-    """The study's parent run, its fold runs and the pooled test report."""
+    """The study's parent run, its fold runs (of the first seed) and the pooled test report (averaged over seeds)."""
 
     run_id: str
     tracking_uri: str
     fold_runs: dict[int, str]
     report: EvaluationReport
+    seed_runs: dict[int, dict[int, str]] = field(default_factory=dict)  # seed -> fold -> run
+    spread: dict[str, float] = field(default_factory=dict)  # seeds/... metrics when there are several seeds
 
 
 def check_crossval_config(config: ExperimentConfig) -> None:
@@ -65,18 +67,32 @@ def load_cohort(config: ExperimentConfig) -> list[Case]:
 
 
 def run_crossval(config: ExperimentConfig, root: Path | None = None, parent_run_id: str | None = None,
-                 echo: Echo = print) -> CrossValResult:
-    """Trains (or reuses) every fold, pools the test rows and logs the pooled audit and model card."""
+                 echo: Echo = print, n_seeds: int = 1) -> CrossValResult:
+    """Trains (or reuses) every fold (for every seed), pools the test rows and logs the pooled audit and card.
+
+    The first seed's folds are the children of a single-seed cross-validation of the same config, so adding seeds
+    to a finished cross-validation trains only the new seeds.
+    """
     from medseg_lightning import tracking
+    from medseg_lightning.repeats import seed_list
 
     check_crossval_config(config)
     root = root or tracking.project_root(Path.cwd())
-    with open_study(KIND, config, root, parent_run_id) as study:
-        folds = range(config.data.split.n_folds)
-        fold_runs = {fold: run_child(study, Child(f"fold-{fold}", {"data.split.fold": fold}), echo) for fold in folds}
-        report = pooled_report(study, fold_runs)
-        _log_pooled(study, report, fold_runs)
-    return CrossValResult(study.run_id, study.client.tracking_uri, fold_runs, report)
+    seeds = seed_list(config, n_seeds)
+    qualifier, label = (f"seeds={n_seeds}", f"{n_seeds}seeds") if n_seeds > 1 else ("", "")
+    with open_study(KIND, config, root, parent_run_id, qualifier=qualifier, label=label) as study:
+        seed_runs = {seed: {fold: run_child(study, _fold_child(fold, seed, config.seed), echo)
+                            for fold in range(config.data.split.n_folds)} for seed in seeds}
+        reports = {seed: pooled_report(study, fold_runs) for seed, fold_runs in seed_runs.items()}
+        report, spread = _log_pooled(study, reports, seed_runs)
+    return CrossValResult(study.run_id, study.client.tracking_uri, seed_runs[seeds[0]], report, seed_runs, spread)
+
+
+def _fold_child(fold: int, seed: int, base_seed: int) -> Child:
+    """Fold ``fold`` trained with ``seed``; the experiment's own seed keeps the single-seed key (``fold-0``)."""
+    if seed == base_seed:
+        return Child(f"fold-{fold}", {"data.split.fold": fold})
+    return Child(f"fold-{fold}/seed-{seed}", {"data.split.fold": fold, "seed": seed})
 
 
 def pooled_report(study: Study, fold_runs: dict[int, str]) -> EvaluationReport:
@@ -123,13 +139,13 @@ def fold_summary(report: EvaluationReport, fold_runs: dict[int, str], config: Ex
 
 def study_context(study: Study, report: EvaluationReport, first_run: str, analyses: dict[str, Any],
                   caveats: list[str] | None = None, kind: str = KIND) -> RunContext:
-    """What the model card of a study needs: the pooled test counts and the dataset fingerprint of its runs."""
+    """What the model card of a study needs: the pooled case counts and the dataset fingerprint of its runs."""
     from medseg_lightning.tracking.studies import read_json
 
     table = pd.DataFrame(report.cases)
     return RunContext(config=study.config, kind=kind, run_id=study.run_id, root=study.root,
-                      split_counts={"test": len(report.cases)},
-                      group_counts={"test": group_counts(table, study.config.fairness)},
+                      split_counts={report.split: len(report.cases)},
+                      group_counts={report.split: group_counts(table, study.config.fairness)},
                       fingerprint=read_json(study.client, first_run, "data_fingerprint.json"),
                       analyses=analyses, caveats=caveats or [])
 
@@ -151,10 +167,28 @@ def log_study(study: Study, context: RunContext, reports: dict[str, EvaluationRe
         tracking.log_report(study.client, study.run_id, [], "", outputs.tags, outputs.description or None)
 
 
-def _log_pooled(study: Study, report: EvaluationReport, fold_runs: dict[int, str]) -> None:
+def _log_pooled(study: Study, reports: dict[int, EvaluationReport],
+                seed_runs: dict[int, dict[int, str]]) -> tuple[EvaluationReport, dict[str, float]]:
+    """The pooled report (each case's metrics averaged over seeds when there are several), logged on the parent
+    with the per-fold figures and, for several seeds, their spread."""
+    from medseg_lightning.repeats import average_over_seeds, seed_spread
+
+    seeds = list(reports)
+    report = reports[seeds[0]] if len(seeds) == 1 else average_over_seeds(list(reports.values()), study.config)
+    fold_runs = seed_runs[seeds[0]]
     summary = fold_summary(report, fold_runs, study.config)
     metrics = report.metrics() | {f"folds/{f['fold']}/test/dice": f["dice"] for f in summary["folds"]}
     metrics |= {"cv/dice_fold_mean": summary["dice_fold_mean"], "cv/dice_fold_std": summary["dice_fold_std"],
                 "cv/n_folds": float(summary["n_folds"])}
-    context = study_context(study, report, fold_runs[0], {"cross_validation": summary})
+    analyses: dict[str, Any] = {"cross_validation": summary}
+    spread: dict[str, float] = {}
+    if len(seeds) > 1:
+        spread = seed_spread(reports)
+        metrics |= spread
+        analyses["repeats"] = {"seeds": seeds, "split": "test", "n_folds": summary["n_folds"],
+                               "runs": {str(seed): ", ".join(runs.values()) for seed, runs in seed_runs.items()},
+                               "dice": {str(seed): item.summary.get("dice/mean") for seed, item in reports.items()},
+                               "dice_mean": spread["seeds/test/dice_mean"], "dice_std": spread["seeds/test/dice_std"]}
+    context = study_context(study, report, fold_runs[0], analyses)
     log_study(study, context, {"test": report}, metrics)
+    return report, spread

@@ -34,7 +34,7 @@ _STATS = ("_median", "_std", "_ci_low", "_ci_high")
 _FAMILY_ORDER = ("dice", "iou", "hd95", "assd", "vol_pred", "vol_true", "vol_err")
 _PRETRAINED = {"none": "none (random initialisation)", "timm": "timm / Hugging Face ImageNet weights of the encoder"}
 _KINDS = {"training": "training run", "evaluation": "evaluation", "cross-validation": "cross-validation (pooled folds)",
-          "cross-site": "cross-site generalisation study"}
+          "cross-site": "cross-site generalisation study", "repeats": "repeats over seeds"}
 Block = tuple[Any, ...]  # ("p", text) | ("h3", text) | ("ul", items) | ("table", header, rows); text may hold `code`
 
 
@@ -47,7 +47,7 @@ class CardInputs:
     """
 
     config: ExperimentConfig
-    kind: Literal["training", "evaluation", "cross-validation", "cross-site"]
+    kind: Literal["training", "evaluation", "cross-validation", "cross-site", "repeats"]
     run_id: str
     created: str
     git_commit: str | None

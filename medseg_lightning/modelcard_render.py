@@ -168,7 +168,20 @@ def _layout_quantitative(card: dict[str, Any]) -> list[Block]:
             blocks.append(("p", f"Not available: {audit.get('note') or 'no reason given'}."))
             continue
         blocks += _group_blocks(audit, s["min_group_size"], level, s["distance_unit"])
-    return blocks + _cross_validation_blocks(s.get("cross_validation")) + _cross_site_blocks(s.get("cross_site"), level)
+    return (blocks + _repeats_blocks(s.get("repeats")) + _cross_validation_blocks(s.get("cross_validation"))
+            + _cross_site_blocks(s.get("cross_site"), level))
+
+
+def _repeats_blocks(study: dict[str, Any] | None) -> list[Block]:
+    if not study:
+        return []
+    rows = [[str(seed), fmt(study["dice"].get(str(seed))), f"`{study['runs'][str(seed)]}`"] for seed in study["seeds"]]
+    folds = f", each a {study['n_folds']}-fold cross-validation" if study.get("n_folds") else ""
+    return [("h3", "Repeats over seeds"),
+            ("p", f"{len(study['seeds'])} trainings with different seeds{folds}. The numbers above average each "
+                  f"case's metrics over the seeds; over seeds, the mean Dice is {fmt(study['dice_mean'])} with a "
+                  f"standard deviation of {fmt(study['dice_std'])} (how much a rerun moves it)."),
+            ("table", ["Seed", f"{study['split'].capitalize()} Dice", "MLflow run"], rows)]
 
 
 def _cross_validation_blocks(study: dict[str, Any] | None) -> list[Block]:

@@ -20,6 +20,7 @@ import pandas as pd
 from medseg_lightning.config import config_to_yaml
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.launch import failure_reason, launch, medseg_command, override, set_options
+from medseg_lightning.scoring import EvaluationReport
 
 CASES_ARTIFACT = "metrics/test_cases.csv"
 Echo = Callable[[str], None]
@@ -95,17 +96,17 @@ def open_study(kind: str, config: ExperimentConfig, root: Path, parent_run_id: s
     tracking.end_run(client, run_id, None)
 
 
-def run_child(study: Study, child: Child, echo: Echo = print) -> str:
+def run_child(study: Study, child: Child, echo: Echo = print, artifact: str = CASES_ARTIFACT) -> str:
     """The run id of the child's finished training run: an earlier one of the same config, else a new one
-    (continuing an interrupted one from its last checkpoint).
+    (continuing an interrupted one from its last checkpoint). A run counts as finished once it logged
+    ``artifact`` (the per-case table the study reads).
 
     Raises:
         StudyError: the training process failed.
     """
     from medseg_lightning.tracking import studies as tracking
 
-    earlier = tracking.child_runs(study.client, study.config, study.root, study.config_hash, child.key,
-                                  CASES_ARTIFACT)
+    earlier = tracking.child_runs(study.client, study.config, study.root, study.config_hash, child.key, artifact)
     if earlier.finished:
         echo(f"{child.key}: finished earlier (run {earlier.finished}), reused")
         return earlier.finished
@@ -123,9 +124,9 @@ def run_child(study: Study, child: Child, echo: Echo = print) -> str:
     for line in _summary_lines(log):
         echo(f"  {line}")
     finished = tracking.child_runs(study.client, study.config, study.root, study.config_hash, child.key,
-                                   CASES_ARTIFACT).finished
+                                   artifact).finished
     if finished is None:
-        raise StudyError(f"{child.key}: training ended without test results ({CASES_ARTIFACT}); log: {log}")
+        raise StudyError(f"{child.key}: training ended without its results ({artifact}); log: {log}")
     return finished
 
 
@@ -134,6 +135,16 @@ def child_test_cases(study: Study, run_id: str) -> pd.DataFrame:
     from medseg_lightning.tracking import studies as tracking
 
     return tracking.read_table(study.client, run_id, CASES_ARTIFACT, ["case_id"])
+
+
+def child_report(study: Study, run_id: str, split: str) -> EvaluationReport:
+    """A child's per-case table of ``split`` (``metrics/<split>_cases.csv``), summarised as its run summarised it."""
+    from medseg_lightning.scoring import summarize
+    from medseg_lightning.tracking import studies as tracking
+
+    table = tracking.read_table(study.client, run_id, f"metrics/{split}_cases.csv", ["case_id"])
+    names = [name for key, name in sorted(study.config.data.labels.items()) if key > 0]
+    return summarize(table.to_dict("records"), split, study.config.fairness, names)
 
 
 def _has_checkpoint(study: Study, run_id: str) -> bool:

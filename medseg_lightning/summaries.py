@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from medseg_lightning.crosssite import CrossSiteResult
     from medseg_lightning.crossval import CrossValResult
+    from medseg_lightning.repeats import RepeatsResult
     from medseg_lightning.scoring import EvaluationReport
     from medseg_lightning.train import RunResult
 
@@ -80,10 +81,32 @@ def _interval(summary: dict[str, float], key: str) -> str:
 def format_crossval(result: CrossValResult) -> str:
     """Per-fold test Dice, then the pooled audit over every case."""
     folds = "  ".join(f"fold {fold}: {_fold_dice(result, fold):.4f}" for fold in result.fold_runs)
-    return "\n".join([f"cross-validation, {len(result.fold_runs)} folds: {folds}",
-                      "pooled test predictions (every case tested once, by a model that never saw it):",
-                      format_evaluation(result.report),
+    seeds = len(result.seed_runs)
+    lines = [f"cross-validation, {len(result.fold_runs)} folds: {folds}",
+             "pooled test predictions (every case tested once, by a model that never saw it):"]
+    if seeds > 1:
+        lines[0] += " (each case's metrics averaged over the seeds)"
+        lines.append(_seed_line(result.spread, "test"))
+    return "\n".join([*lines, format_evaluation(result.report),
                       f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui"])
+
+
+def format_repeats(result: RepeatsResult) -> str:
+    """Each split's seed-averaged summary and the spread over seeds."""
+    lines = [f"repeats over {len(result.seed_runs)} seeds ({', '.join(map(str, result.seed_runs))}):"]
+    for split, report in result.reports.items():
+        lines += [_seed_line(result.spread, split), format_evaluation(report)]
+    if "test" not in result.reports:
+        lines.append("test: not evaluated (trainer.evaluate_test: false)")
+    lines.append(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
+    return "\n".join(lines)
+
+
+def _seed_line(spread: dict[str, float], split: str) -> str:
+    seeds = [key.split("/")[1] for key in spread if key.startswith("seeds/") and key.endswith(f"/{split}/dice")]
+    values = ", ".join(f"{spread[f'seeds/{seed}/{split}/dice']:.4f}" for seed in seeds)
+    return (f"{split} Dice over seeds: mean {spread[f'seeds/{split}/dice_mean']:.4f}, standard deviation "
+            f"{spread[f'seeds/{split}/dice_std']:.4f} ({values}); below, each case averaged over seeds:")
 
 
 def _fold_dice(result: CrossValResult, fold: int) -> float:

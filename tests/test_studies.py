@@ -246,3 +246,63 @@ def test_study_commands_refuse_configs_they_cannot_run(project: tuple[Path, Path
     assert main(["crosssite", str(experiment), "--attribute", "age", *_set(FAST),
                  "--set", "fairness.attributes=[age]", "--set", "fairness.bins={age: [0, 50, 120]}"]) == 2
     assert "binned attributes cannot be held out" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 3 more training processes: the second seed of every fold
+def test_crossval_with_seeds_reuses_the_first_seed_and_averages_each_case(crossval: CrossValResult,
+                                                                         project: tuple[Path, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    root, experiment = project
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
+    monkeypatch.chdir(root)
+    messages: list[str] = []
+    seeded = run_crossval(load_config(experiment, FAST), root, echo=messages.append, n_seeds=2)
+    assert seeded.run_id != crossval.run_id and seeded.seed_runs[42] == crossval.fold_runs
+    assert sum("reused" in line for line in messages) == 3 and len(set(seeded.seed_runs[43].values())) == 3
+    client = MlflowClient(seeded.tracking_uri)
+    metrics = client.get_run(seeded.run_id).data.metrics
+    second = pd.concat([pd.DataFrame(studies.child_report(_study_of(seeded, root), run, "test").cases)
+                        for run in seeded.seed_runs[43].values()])
+    first = pd.DataFrame(crossval.report.cases)
+    both = first.set_index("case_id")["dice/mean"].to_frame("a").join(second.set_index("case_id")["dice/mean"])
+    assert metrics["seeds/n"] == 2
+    assert metrics["seeds/42/test/dice"] == pytest.approx(first["dice/mean"].mean())
+    assert metrics["seeds/43/test/dice"] == pytest.approx(second["dice/mean"].mean())
+    assert metrics["seeds/test/dice_std"] == pytest.approx(pd.Series([first["dice/mean"].mean(),
+                                                                       second["dice/mean"].mean()]).std())
+    assert metrics["test/dice"] == pytest.approx(both.mean(axis=1).mean())  # each case averaged over seeds
+    markdown = Path(client.download_artifacts(seeded.run_id, "model_card/model_card.md", str(root))).read_text()
+    assert "Repeats over seeds" in markdown and "Cross-validation folds" in markdown
+
+
+def _study_of(result: CrossValResult, root: Path) -> studies.Study:
+    config = load_config(root / "study.yaml", FAST)
+    client = MlflowClient(result.tracking_uri)
+    return studies.Study("cross-validation", config, root, config_hash(config), client, result.run_id, root)
+
+
+def test_train_with_seeds_repeats_under_one_parent_and_reuses_finished_seeds(project: tuple[Path, Path],
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              capsys: pytest.CaptureFixture[str]
+                                                                              ) -> None:
+    root, experiment = project
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
+    monkeypatch.chdir(root)
+    command = ["train", str(experiment), *_set([*FAST, "trainer.evaluate_test=false"]), "--seeds", "2"]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "repeats over 2 seeds (42, 43)" in out and "val Dice over seeds: mean" in out, out
+    assert "test: not evaluated" in out
+    runs = _runs(root)
+    [parent] = [run for run in runs if run.data.tags.get("medseg.kind") == "repeats"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.params["seed"] for run in children) == ["42", "43"]
+    values = {run.data.params["seed"]: run.data.metrics["val/dice"] for run in children}
+    metrics = parent.data.metrics
+    assert metrics["seeds/val/dice_mean"] == pytest.approx(sum(values.values()) / 2)
+    assert metrics["seeds/42/val/dice"] == pytest.approx(values["42"])
+    assert not [key for key in metrics if key.startswith("test/")]
+    assert parent.data.tags["medseg.command"].endswith("--seeds 2")
+    assert main(command) == 0  # a rerun trains nothing
+    assert "seed-42: finished earlier" in capsys.readouterr().out
+    assert len(_runs(root)) == len(runs)
