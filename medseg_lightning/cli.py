@@ -200,6 +200,32 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from medseg_lightning import tracking
+    from medseg_lightning.results import build_table, insert_between_markers, to_csv, to_markdown
+    from medseg_lightning.tracking.results import find_runs
+
+    client = MlflowClient(tracking.resolve_store_from_env(tracking.project_root(Path.cwd()))[0])
+    records = find_runs(client, args.experiment, args.run, args.parent, args.kind, args.filter)
+    if not records:
+        print("error: no finished run matches; check --experiment, --parent, --kind and --filter", file=sys.stderr)
+        return 1
+    table = build_table(records, args.split)
+    markdown = to_markdown(table)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        args.csv.write_text(to_csv(table))
+    if args.into:
+        file, _, block = args.into.partition(":")
+        insert_between_markers(Path(file), block, markdown)
+        print(f"{file}: block {block!r} now holds {len(table.records)} row(s)")
+    else:
+        print(markdown, end="")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -264,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of the sweep file, e.g. --set n_trials=10 (repeatable)")
     sweep.set_defaults(handler=_sweep)
+
+    results = verbs.add_parser("results", help="results tables (Markdown, CSV) from the MLflow runs",
+                               description="One row per finished run: per-class and mean Dice with intervals, folds "
+                                           "and seeds aggregated, and the command, configuration hash, git commit "
+                                           "and data fingerprint that reproduce it.")
+    results.add_argument("--experiment", action="append", default=[], help="MLflow experiment name (repeatable)")
+    results.add_argument("--run", action="append", default=[], metavar="RUN_ID", help="these runs only (repeatable)")
+    results.add_argument("--parent", metavar="RUN_ID", help="the child runs of this study or sweep run")
+    results.add_argument("--kind", action="append", default=[],
+                         choices=["training", "evaluation", "cross-validation", "repeats", "cross-site"],
+                         help="run kinds to include (repeatable; default: all)")
+    results.add_argument("--filter", help="MLflow search filter, e.g. \"params.`data.slicing.context` = '1'\"")
+    results.add_argument("--split", default="test", choices=["test", "val"], help="the split whose metrics to show")
+    results.add_argument("--csv", type=Path, help="also write every value as CSV to this file")
+    results.add_argument("--into", metavar="FILE:BLOCK",
+                         help="write the table between <!-- medseg-results BLOCK --> and <!-- /medseg-results --> "
+                              "in FILE instead of printing it")
+    results.set_defaults(handler=_results)
 
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
     ui.add_argument("--host", default="127.0.0.1")

@@ -23,6 +23,7 @@ from medseg_lightning.data.manifest import Case, load_cases
 from medseg_lightning.data.splits import assign_splits
 from medseg_lightning.evaluate import RunContext, write_outputs
 from medseg_lightning.fairness import group_counts
+from medseg_lightning.protocol import configuration_hash
 from medseg_lightning.scoring import EvaluationReport, case_group_counts, summarize
 from medseg_lightning.studies import Child, Echo, Study, StudyError, child_test_cases, open_study, run_child
 
@@ -160,6 +161,9 @@ def log_study(study: Study, context: RunContext, reports: dict[str, EvaluationRe
 
     log_config(study.client, study.run_id, study.config, config_to_yaml(study.config))
     log_metrics(study.client, study.run_id, metrics)
+    provenance = {tracking.CONFIG_HASH_TAG: configuration_hash(study.config),
+                  "data.fingerprint": (context.fingerprint or {}).get("fingerprint", "")}
+    tracking.log_report(study.client, study.run_id, [], "", provenance, None)
     with tempfile.TemporaryDirectory() as tmp:
         outputs = write_outputs(reports, context, Path(tmp))
         for folder, files in outputs.files.items():
