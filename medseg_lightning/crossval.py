@@ -38,6 +38,7 @@ class CrossValResult:
     tracking_uri: str
     fold_runs: dict[int, str]
     report: EvaluationReport
+    model_uri: str | None = None  # the fold models as one ensemble (mean of softmax), logged on the parent run
     seed_runs: dict[int, dict[int, str]] = field(default_factory=dict)  # seed -> fold -> run
     spread: dict[str, float] = field(default_factory=dict)  # seeds/... metrics when there are several seeds
 
@@ -86,7 +87,35 @@ def run_crossval(config: ExperimentConfig, root: Path | None = None, parent_run_
                             for fold in range(config.data.split.n_folds)} for seed in seeds}
         reports = {seed: pooled_report(study, fold_runs) for seed, fold_runs in seed_runs.items()}
         report, spread = _log_pooled(study, reports, seed_runs)
-    return CrossValResult(study.run_id, study.client.tracking_uri, seed_runs[seeds[0]], report, seed_runs, spread)
+        model_uri = log_fold_ensemble(study, seed_runs[seeds[0]]) if config.tracking.log_model else None
+    return CrossValResult(study.run_id, study.client.tracking_uri, seed_runs[seeds[0]], report, model_uri, seed_runs,
+                          spread)
+
+
+def log_fold_ensemble(study: Study, fold_runs: dict[int, str]) -> str | None:
+    """The fold models as one model on the study's run, as nnU-Net predicts with its five folds: ``medseg promote
+    --run <study run>`` registers it (gated on the pooled cross-validation metrics), ``medseg predict`` runs it.
+    Each fold's model already exists; a rerun of the study logs the ensemble again only if it has none."""
+    import torch
+
+    from medseg_lightning import tracking
+    from medseg_lightning.model_io import load_bundle, predict_slices, save_ensemble
+    from medseg_lightning.tracking.registry import logged_model_uri
+
+    uri = study.client.tracking_uri
+    try:
+        return logged_model_uri(study.client, study.client.get_run(study.run_id))
+    except ValueError:
+        pass  # none yet
+    with tempfile.TemporaryDirectory() as tmp:
+        members = [tracking.download_bundle(uri, logged_model_uri(study.client, study.client.get_run(run_id)),
+                                            Path(tmp) / f"fold-{fold}") for fold, run_id in fold_runs.items()]
+        folder = save_ensemble(members, Path(tmp) / "ensemble")
+        bundle = load_bundle(folder)
+        rows, cols = study.config.data.preprocessing.target_size or (64, 64)
+        example = np.zeros((1, bundle.in_channels, rows, cols), dtype=np.float32)
+        prediction = predict_slices(bundle.network, bundle.config, torch.from_numpy(example))
+        return tracking.log_model_to_run(uri, study.run_id, folder, example, prediction)
 
 
 def _fold_child(fold: int, seed: int, base_seed: int) -> Child:

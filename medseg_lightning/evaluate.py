@@ -18,7 +18,7 @@ from medseg_lightning import __version__
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
-from medseg_lightning.model_io import ModelBundle, load_bundle
+from medseg_lightning.model_io import ENSEMBLE_FILE, SPEC_FILE, ModelBundle, load_bundle
 from medseg_lightning.modelcard import CardInputs, build_card
 from medseg_lightning.modelcard_render import render_summary, write_card
 from medseg_lightning.models.inference import prepare_for_inference
@@ -100,10 +100,10 @@ def load_model(spec: str, root: Path) -> ModelBundle:
         return tracking.load_logged_bundle(spec, root)
     path = Path(spec).expanduser()
     for folder in (path, path / "artifacts" / "bundle"):
-        if (folder / "model.yaml").is_file():
+        if (folder / SPEC_FILE).is_file() or (folder / ENSEMBLE_FILE).is_file():
             return load_bundle(folder)
     raise ValueError(f"--model {spec}: not runs:/<run id>, models:/<name>@<alias>, models:/<name>/<version>, "
-                     "or a folder with model.yaml and weights.safetensors")
+                     f"or a folder with {SPEC_FILE} and weights.safetensors (or an ensemble's {ENSEMBLE_FILE})")
 
 
 def evaluation_config(data: ExperimentConfig, model: ExperimentConfig) -> ExperimentConfig:

@@ -21,6 +21,20 @@ from medseg_lightning.models import create_model
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.yaml"
+ENSEMBLE_FILE = "ensemble.yaml"
+
+
+class EnsembleNetwork(nn.Module):
+    """Several networks as one: the log of their mean softmax, so ``argmax`` and ``softmax`` of the output are those
+    of the averaged probabilities (nnU-Net's fold ensemble) and every caller of a plain network can use it."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([torch.softmax(member(x).float(), dim=1) for member in self.members]).mean(0)
+        return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
 
 
 @dataclass
@@ -69,12 +83,56 @@ def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, 
     return folder
 
 
+def save_ensemble(members: list[Path], folder: Path) -> Path:
+    """Copies saved model folders into ``folder`` as one ensemble (``ensemble.yaml`` lists them); returns it.
+
+    Raises:
+        ValueError: the members do not share preprocessing, slicing, labels and modalities.
+    """
+    import shutil
+
+    bundles = [load_bundle(member) for member in members]
+    for bundle in bundles[1:]:
+        check_compatible(bundles[0].config, bundle.config)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"member-{index}" for index in range(len(members))]
+    for name, member in zip(names, members, strict=True):
+        shutil.copytree(member, folder / name, dirs_exist_ok=True)
+    (folder / ENSEMBLE_FILE).write_text(yaml.safe_dump({"members": names, "combine": "mean of softmax"}))
+    return folder
+
+
+def check_compatible(first: ExperimentConfig, other: ExperimentConfig) -> None:
+    """Models averaged together must see the same input and predict the same classes.
+
+    Raises:
+        ValueError: naming the model that differs.
+    """
+    a, b = first.data, other.data
+    if (a.preprocessing, a.slicing, a.labels, a.image_columns) != (b.preprocessing, b.slicing, b.labels,
+                                                                 b.image_columns):
+        raise ValueError("ensemble models must share preprocessing, slicing, labels and input modalities; "
+                         f"{other.name} differs from {first.name}")
+    if first.task != "semantic" or other.task != "semantic":
+        raise ValueError("instance models (Mask R-CNN) predict alone: they cannot be averaged into an ensemble")
+
+
 def load_bundle(folder: Path) -> ModelBundle:
-    """Rebuilds the network from ``model.yaml`` and loads ``weights.safetensors`` (strict: every key must match).
+    """Rebuilds the network from ``model.yaml`` and loads ``weights.safetensors`` (strict: every key must match);
+    an ensemble folder (``ensemble.yaml``) becomes one :class:`EnsembleNetwork` with the first member's config.
 
     Raises:
         ValueError: files missing, or weights that do not fit the config (names the differing keys).
     """
+    if (folder / ENSEMBLE_FILE).is_file():
+        names = yaml.safe_load((folder / ENSEMBLE_FILE).read_text()).get("members") or []
+        if not names:
+            raise ValueError(f"{folder / ENSEMBLE_FILE}: lists no members")
+        members = [load_bundle(folder / name) for name in names]
+        for member in members[1:]:
+            check_compatible(members[0].config, member.config)
+        return ModelBundle(EnsembleNetwork([member.network for member in members]).eval(), members[0].config,
+                           members[0].in_channels)
     weights, spec_path = folder / WEIGHTS_FILE, folder / SPEC_FILE
     for path in (weights, spec_path):
         if not path.is_file():

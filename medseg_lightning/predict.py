@@ -33,7 +33,7 @@ from medseg_lightning.data.io import (
 )
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.instance_metrics import Objects
-from medseg_lightning.model_io import ModelBundle
+from medseg_lightning.model_io import ModelBundle, check_compatible
 from medseg_lightning.models.inference import prepare_for_inference
 from medseg_lightning.postprocess import classes_to_clean, keep_largest_components
 
@@ -113,7 +113,7 @@ class Predictor:
         (default: the model's ``score_threshold``)."""
         first = bundles[0].config
         for bundle in bundles[1:]:
-            _check_compatible(first, bundle)
+            check_compatible(first, bundle.config)
         self.config = first
         self.in_channels = bundles[0].in_channels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,14 +193,6 @@ class Predictor:
 
     def _batch(self, slices: torch.Tensor, start: int) -> torch.Tensor:
         return slices[start : start + self.batch_size].to(self.device).contiguous(memory_format=self.memory_format)
-
-
-def _check_compatible(first: object, other: ModelBundle) -> None:
-    a, b = first.data, other.config.data  # type: ignore[attr-defined]
-    if (a.preprocessing, a.slicing, a.labels, a.image_columns) != (b.preprocessing, b.slicing, b.labels,
-                                                                 b.image_columns):
-        raise ValueError("ensemble models must share preprocessing, slicing, labels and input modalities; "
-                         f"{other.config.name} differs from {first.name}")  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -87,8 +87,11 @@ def format_crossval(result: CrossValResult) -> str:
     if seeds > 1:
         lines[0] += " (each case's metrics averaged over the seeds)"
         lines.append(_seed_line(result.spread, "test"))
-    return "\n".join([*lines, format_evaluation(result.report),
-                      f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui"])
+    lines.append(format_evaluation(result.report))
+    if result.model_uri:
+        lines.append(f"fold ensemble (mean of the {len(result.fold_runs)} fold models' softmax): {result.model_uri}; "
+                     f"register it with medseg promote --run {result.run_id}")
+    return "\n".join([*lines, f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui"])
 
 
 def format_repeats(result: RepeatsResult) -> str:

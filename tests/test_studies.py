@@ -306,3 +306,30 @@ def test_train_with_seeds_repeats_under_one_parent_and_reuses_finished_seeds(pro
     assert main(command) == 0  # a rerun trains nothing
     assert "seed-42: finished earlier" in capsys.readouterr().out
     assert len(_runs(root)) == len(runs)
+
+
+@pytest.mark.slow  # 2 training processes
+def test_a_crossval_logs_its_fold_ensemble_which_is_promoted_and_predicts(project: tuple[Path, Path],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from medseg_lightning.evaluate import load_model
+    from medseg_lightning.model_io import EnsembleNetwork
+
+    root, experiment = project
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
+    monkeypatch.chdir(root)
+    config = load_config(experiment, [*FAST, "tracking.log_model=true", "data.split.n_folds=2"])
+    result = run_crossval(config, root)
+    assert result.model_uri and result.model_uri.startswith("models:/m-")
+    ensemble = load_model(f"runs:/{result.run_id}", root)
+    assert isinstance(ensemble.network, EnsembleNetwork) and len(ensemble.network.members) == 2
+    for member, run_id in zip(ensemble.network.members, result.fold_runs.values(), strict=True):
+        fold = load_model(f"runs:/{run_id}", root).network
+        assert all(torch.equal(a, b) for a, b in zip(member.state_dict().values(), fold.state_dict().values(),
+                                                     strict=True))
+    assert run_crossval(config, root).model_uri == result.model_uri  # a rerun does not log it twice
+    assert main(["promote", "--run", result.run_id, "--name", "folds", "--min-cases", "10"]) == 0
+    source = root / "cohort" / "imagesTr" / "synth_000.nii.gz"
+    assert main(["predict", "--model", "models:/folds@champion", str(source), "--out", str(root / "pred")]) == 0
+    assert (root / "pred" / "synth_000.nii.gz").is_file()

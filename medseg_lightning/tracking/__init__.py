@@ -202,12 +202,17 @@ def log_artifact_file(logger: MLFlowLogger, path: Path, folder: str | None = Non
 
 def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, prediction: Any) -> str:
     """Logs the bundle as an MLflow pyfunc model from code (no pickled Python object); returns its URI."""
+    return log_model_to_run(logger._tracking_uri, logger.run_id, bundle_folder, example, prediction)
+
+
+def log_model_to_run(tracking_uri: str, run_id: str, bundle_folder: Path, example: Any, prediction: Any) -> str:
+    """``log_model`` for any run of a store (a study's parent run logs its fold ensemble this way)."""
     from mlflow.models import infer_signature
 
     import medseg_lightning
 
     code = Path(__file__).with_name("pyfunc_model.py")
-    with using_store(logger._tracking_uri), mlflow.start_run(run_id=logger.run_id), warnings.catch_warnings():
+    with using_store(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -220,6 +225,13 @@ def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, predictio
                               if name not in ("python", "medseg-lightning")],
         )
     return info.model_uri
+
+
+def download_bundle(tracking_uri: str, model_uri: str, folder: Path) -> Path:
+    """The saved-model folder (``model.yaml`` + weights) inside a logged model, downloaded into ``folder``."""
+    with using_store(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder)))
+    return local / "artifacts" / "bundle"
 
 
 class OverlayCallback(Callback):
