@@ -33,6 +33,8 @@ def _add_seeds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, metavar="N",
                         help="repeat with N seeds (the experiment's seed, seed + 1, ...) under one parent run: mean "
                              "and standard deviation over seeds, intervals over cases of the seed-averaged metrics")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="training runs at once (folds, seeds): each gets its own GPU, or a share of the CPU cores")
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -120,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
         from medseg_lightning.repeats import run_repeats
         from medseg_lightning.summaries import format_repeats
 
-        return _study(lambda: format_repeats(run_repeats(config, args.seeds)))
+        return _study(lambda: format_repeats(run_repeats(config, args.seeds, jobs=args.jobs)))
     result = run(config, resume=args.resume)
     if tracking.is_global_zero():
         print(format_summary(result))
@@ -132,7 +134,7 @@ def _crossval(args: argparse.Namespace) -> int:
     from medseg_lightning.summaries import format_crossval
 
     config = load_config(args.experiment, args.overrides)
-    return _study(lambda: format_crossval(run_crossval(config, n_seeds=args.seeds or 1)))
+    return _study(lambda: format_crossval(run_crossval(config, n_seeds=args.seeds or 1, jobs=args.jobs)))
 
 
 def _crosssite(args: argparse.Namespace) -> int:

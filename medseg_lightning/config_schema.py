@@ -258,7 +258,10 @@ class TrainerConfig(StrictModel):
     devices: int | str | list[int] = Field("auto", description="number, list of ids, or auto")
     strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
     num_nodes: int = Field(1, ge=1)
-    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed")
+    precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, or auto: bf16-mixed where the "
+                           "hardware computes in bfloat16 (recent GPUs; CPUs with AVX512-BF16 or AMX), else 32-true")
+    compile: bool = Field(False, description="torch.compile the network for training steps (validation, test and "
+                          "the logged model use the same weights, uncompiled); the first steps pay the compilation")
     gradient_clip_val: float | None = Field(None, gt=0)
     accumulate_grad_batches: int = Field(1, ge=1)
     deterministic: bool = False

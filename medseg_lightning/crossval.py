@@ -25,7 +25,7 @@ from medseg_lightning.evaluate import RunContext, write_outputs
 from medseg_lightning.fairness import group_counts
 from medseg_lightning.protocol import configuration_hash
 from medseg_lightning.scoring import EvaluationReport, case_group_counts, summarize
-from medseg_lightning.studies import Child, Echo, Study, StudyError, child_test_cases, open_study, run_child
+from medseg_lightning.studies import Child, Echo, Study, StudyError, child_test_cases, open_study, run_children
 
 KIND = "cross-validation"
 
@@ -69,11 +69,12 @@ def load_cohort(config: ExperimentConfig) -> list[Case]:
 
 
 def run_crossval(config: ExperimentConfig, root: Path | None = None, parent_run_id: str | None = None,
-                 echo: Echo = print, n_seeds: int = 1) -> CrossValResult:
+                 echo: Echo = print, n_seeds: int = 1, jobs: int = 1) -> CrossValResult:
     """Trains (or reuses) every fold (for every seed), pools the test rows and logs the pooled audit and card.
 
     The first seed's folds are the children of a single-seed cross-validation of the same config, so adding seeds
-    to a finished cross-validation trains only the new seeds.
+    to a finished cross-validation trains only the new seeds. ``jobs`` folds train at once (each on its own GPU,
+    or on a share of the CPU cores).
     """
     from medseg_lightning import tracking
     from medseg_lightning.repeats import seed_list
@@ -83,8 +84,11 @@ def run_crossval(config: ExperimentConfig, root: Path | None = None, parent_run_
     seeds = seed_list(config, n_seeds)
     qualifier, label = (f"seeds={n_seeds}", f"{n_seeds}seeds") if n_seeds > 1 else ("", "")
     with open_study(KIND, config, root, parent_run_id, qualifier=qualifier, label=label) as study:
-        seed_runs = {seed: {fold: run_child(study, _fold_child(fold, seed, config.seed), echo)
-                            for fold in range(config.data.split.n_folds)} for seed in seeds}
+        children = {(seed, fold): _fold_child(fold, seed, config.seed) for seed in seeds
+                    for fold in range(config.data.split.n_folds)}
+        finished = run_children(study, list(children.values()), echo, jobs=jobs)
+        seed_runs = {seed: {fold: finished[children[seed, fold].key] for fold in range(config.data.split.n_folds)}
+                     for seed in seeds}
         reports = {seed: pooled_report(study, fold_runs) for seed, fold_runs in seed_runs.items()}
         report, spread = _log_pooled(study, reports, seed_runs)
         model_uri = log_fold_ensemble(study, seed_runs[seeds[0]]) if config.tracking.log_model else None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,37 @@ def failure_reason(code: int, log_file: Path) -> str:
     last = (errors or lines or ["no output"])[-1]
     status = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     return f"{status}: {last[:400]} (log: {log_file})"
+
+
+class DevicePool:
+    """Device sets for concurrent training runs (sweep trials, study children): disjoint GPU ids on a GPU machine,
+    CPU thread shares otherwise."""
+
+    def __init__(self, jobs: int, devices: int, accelerator: str) -> None:
+        gpus = _gpu_count() if accelerator in ("auto", "gpu", "cuda") else 0
+        self.gpu = gpus > 0
+        if self.gpu and jobs * devices > gpus:
+            raise ValueError(f"{jobs} concurrent run(s) x {devices} device(s) need {jobs * devices} GPUs; "
+                             f"this machine has {gpus}: lower --jobs or resources.devices")
+        self.threads = max(1, (os.cpu_count() or 1) // (jobs * devices))
+        self._free: queue.Queue[list[int] | None] = queue.Queue()
+        for slot in range(jobs):
+            self._free.put(list(range(slot * devices, (slot + 1) * devices)) if self.gpu else None)
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[dict[str, str]]:
+        """Environment variables that give one run its devices."""
+        devices = self._free.get()
+        try:
+            if devices is None:
+                yield {"OMP_NUM_THREADS": str(self.threads)}
+            else:
+                yield {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
+        finally:
+            self._free.put(devices)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

@@ -35,6 +35,8 @@ class SegmentationModule(pl.LightningModule):
             cuDNN (GPU, mixed precision) convolutions run faster on.
         keep_largest: classes of which only the largest 3D connected component is kept before scoring (the
             model's ``inference.largest_component``, so validation scores what ``medseg predict`` writes).
+        compile_network: run training steps through ``torch.compile`` of the network (same parameters); whole-case
+            evaluation keeps the eager network, whose varying slice counts would make the compiler recompile.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class SegmentationModule(pl.LightningModule):
         fairness: FairnessConfig | None = None,
         channels_last: bool = False,
         keep_largest: list[int] | None = None,
+        compile_network: bool = False,
     ) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -67,6 +70,8 @@ class SegmentationModule(pl.LightningModule):
         self.case_rows: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
         self.reports: dict[str, EvaluationReport] = {}
         self.overlays: list[dict[str, Any]] = []
+        # not a submodule: the checkpoint and the logged model hold the plain network's weights only
+        self._compiled = {"network": torch.compile(self.network)} if compile_network else {}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.network(image.contiguous(memory_format=self.memory_format))
@@ -82,7 +87,9 @@ class SegmentationModule(pl.LightningModule):
             encoder.eval()  # BatchNorm statistics stay those of the pretrained weights
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        network = self._compiled.get("network")
+        image = batch["image"].contiguous(memory_format=self.memory_format)
+        logits = network(image) if network is not None else self(image)
         loss = self.loss(logits, batch["mask"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at epoch {self.current_epoch}, step {batch_idx}")

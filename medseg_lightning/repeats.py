@@ -17,7 +17,7 @@ import numpy as np
 
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.scoring import EvaluationReport, summarize
-from medseg_lightning.studies import Child, Echo, open_study, run_child
+from medseg_lightning.studies import Child, Echo, open_study, run_children
 
 KIND = "repeats"
 SPREAD_KEYS = ("dice/mean", "hd95/mean", "hd95_px/mean")  # plus every per-class Dice
@@ -93,7 +93,8 @@ class RepeatsResult:
     spread: dict[str, float]
 
 
-def run_repeats(config: ExperimentConfig, n_seeds: int, root: Path | None = None, echo: Echo = print) -> RepeatsResult:
+def run_repeats(config: ExperimentConfig, n_seeds: int, root: Path | None = None, echo: Echo = print,
+                jobs: int = 1) -> RepeatsResult:
     """Trains (or reuses) one run per seed and logs the seed-averaged metrics, spread and card on the parent."""
     from medseg_lightning import tracking
     from medseg_lightning.crossval import log_study, study_context
@@ -104,8 +105,9 @@ def run_repeats(config: ExperimentConfig, n_seeds: int, root: Path | None = None
     splits = ["val", "test"] if config.trainer.evaluate_test else ["val"]
     artifact = f"metrics/{splits[-1]}_cases.csv"
     with open_study(KIND, config, root, qualifier=f"seeds={n_seeds}", label=f"{n_seeds}seeds") as study:
-        runs = {seed: run_child(study, Child(seed_key(seed), {"seed": seed}), echo, artifact=artifact)
-                for seed in seeds}
+        finished = run_children(study, [Child(seed_key(seed), {"seed": seed}) for seed in seeds], echo, artifact,
+                                jobs)
+        runs = {seed: finished[seed_key(seed)] for seed in seeds}
         per_split = {split: {seed: child_report(study, run_id, split) for seed, run_id in runs.items()}
                      for split in splits}
         reports = {split: average_over_seeds(list(by_seed.values()), config) for split, by_seed in per_split.items()}

@@ -96,7 +96,37 @@ def open_study(kind: str, config: ExperimentConfig, root: Path, parent_run_id: s
     tracking.end_run(client, run_id, None)
 
 
-def run_child(study: Study, child: Child, echo: Echo = print, artifact: str = CASES_ARTIFACT) -> str:
+def run_children(study: Study, children: list[Child], echo: Echo = print, artifact: str = CASES_ARTIFACT,
+                 jobs: int = 1) -> dict[str, str]:
+    """``run_child`` for every child, ``jobs`` at a time (each with its own GPUs, or a share of the CPU threads);
+    the finished run of each child by its key. A failed child stops no other: the running ones finish, so a rerun
+    has them, and the first failure is raised at the end.
+
+    Raises:
+        StudyError: a child's training failed.
+    """
+    if jobs <= 1:
+        return {child.key: run_child(study, child, echo, artifact) for child in children}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medseg_lightning.launch import DevicePool
+
+    pool = DevicePool(jobs, 1, study.config.trainer.accelerator)
+
+    def one(child: Child) -> str:
+        with pool.acquire() as devices:
+            return run_child(study, child, echo, artifact, devices)
+
+    with ThreadPoolExecutor(max_workers=jobs) as executor:
+        futures = {child.key: executor.submit(one, child) for child in children}
+    errors = [future.exception() for future in futures.values() if future.exception() is not None]
+    if errors:
+        raise errors[0]
+    return {key: future.result() for key, future in futures.items()}
+
+
+def run_child(study: Study, child: Child, echo: Echo = print, artifact: str = CASES_ARTIFACT,
+              env: dict[str, str] | None = None) -> str:
     """The run id of the child's finished training run: an earlier one of the same config, else a new one
     (continuing an interrupted one from its last checkpoint). A run counts as finished once it logged
     ``artifact`` (the per-case table the study reads).
@@ -118,7 +148,7 @@ def run_child(study: Study, child: Child, echo: Echo = print, artifact: str = CA
     command += ["--resume", resume] if resume else []
     log = study.folder / f"{child.key}.log"
     echo(f"{child.key}: {'resuming run ' + resume if resume else 'training'} (log: {log})")
-    code = launch(command, {}, log, study.root)
+    code = launch(command, env or {}, log, study.root)
     if code != 0:
         raise StudyError(f"{child.key}: training failed, {failure_reason(code, log)}")
     for line in _summary_lines(log):

@@ -130,7 +130,8 @@ def _module(config: ExperimentConfig, network: torch.nn.Module) -> SegmentationM
                        **config.loss.params)
     keep = classes_to_clean(config.inference.largest_component, config.data.labels)
     return SegmentationModule(network, loss, overlay_cases=config.tracking.log_overlays,
-                              channels_last=config.trainer.channels_last, keep_largest=keep, **shared)
+                              channels_last=config.trainer.channels_last, keep_largest=keep,
+                              compile_network=config.trainer.compile, **shared)
 
 
 def with_anchor_sizes(config: ExperimentConfig, datamodule: SegmentationDataModule) -> ExperimentConfig:
@@ -160,13 +161,26 @@ def _trainer(config: ExperimentConfig, logger: Any, callbacks: list[Callback]) -
         strategy = "ddp_find_unused_parameters_true"  # frozen encoder parameters get no gradient
     return pl.Trainer(
         max_epochs=settings.max_epochs, accelerator=settings.accelerator, devices=settings.devices,
-        strategy=strategy, num_nodes=settings.num_nodes, precision=settings.precision,
+        strategy=strategy, num_nodes=settings.num_nodes, precision=resolve_precision(settings.precision,
+                                                                                     settings.accelerator),
         gradient_clip_val=settings.gradient_clip_val, accumulate_grad_batches=settings.accumulate_grad_batches,
         deterministic=settings.deterministic,
         limit_train_batches=None if settings.limit_train_batches == 1.0 else settings.limit_train_batches,
         check_val_every_n_epoch=settings.check_val_every_n_epoch, log_every_n_steps=settings.log_every_n_steps,
         logger=logger, callbacks=callbacks, num_sanity_val_steps=0, enable_model_summary=False,
     )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bfloat16 autocast where the hardware computes in it (elsewhere it is slower than float32)."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator in ("auto", "cpu") and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16-mixed"
+    return "32-true"
 
 
 def _callbacks(config: ExperimentConfig, logger: Any) -> list[Callback]:

@@ -288,7 +288,7 @@ def test_train_with_seeds_repeats_under_one_parent_and_reuses_finished_seeds(pro
     root, experiment = project
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))
     monkeypatch.chdir(root)
-    command = ["train", str(experiment), *_set([*FAST, "trainer.evaluate_test=false"]), "--seeds", "2"]
+    command = ["train", str(experiment), *_set([*FAST, "trainer.evaluate_test=false"]), "--seeds", "2", "--jobs", "2"]
     assert main(command) == 0
     out = capsys.readouterr().out
     assert "repeats over 2 seeds (42, 43)" in out and "val Dice over seeds: mean" in out, out
@@ -302,7 +302,9 @@ def test_train_with_seeds_repeats_under_one_parent_and_reuses_finished_seeds(pro
     assert metrics["seeds/val/dice_mean"] == pytest.approx(sum(values.values()) / 2)
     assert metrics["seeds/42/val/dice"] == pytest.approx(values["42"])
     assert not [key for key in metrics if key.startswith("test/")]
-    assert parent.data.tags["medseg.command"].endswith("--seeds 2")
+    assert parent.data.tags["medseg.command"].endswith("--seeds 2 --jobs 2")
+    starts = sorted((run.info.start_time, run.info.end_time) for run in children)
+    assert starts[1][0] < starts[0][1]  # --jobs 2: the two seeds trained at the same time
     assert main(command) == 0  # a rerun trains nothing
     assert "seed-42: finished earlier" in capsys.readouterr().out
     assert len(_runs(root)) == len(runs)

@@ -175,3 +175,32 @@ def test_bad_transfer_and_resume_arguments_fail_clearly(tiny_experiment: Path, t
     assert f"model.pretrained: {missing} not found" in capsys.readouterr().err
     assert main(["train", str(tiny_experiment), "--set", "model.encoder=test_resnet", "--resume", "0123abc"]) == 2
     assert "--resume 0123abc: no such MLflow run" in capsys.readouterr().err
+
+
+def test_precision_auto_takes_bfloat16_only_where_the_hardware_computes_in_it(monkeypatch) -> None:
+    from medseg_lightning.train import resolve_precision
+
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"  # an explicit choice is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", "auto") == "32-true"  # emulated bfloat16 would be slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision("auto", "auto") == "32-true"  # a GPU without bfloat16 (before Ampere)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", "gpu") == "bf16-mixed"
+
+
+@pytest.mark.slow  # torch.compile takes minutes on a 2-core CPU
+def test_a_compiled_training_logs_the_plain_network(tiny_experiment: Path, tmp_path: Path) -> None:
+    result = run(load_config(tiny_experiment, [*TINY, "trainer.max_epochs=1", "trainer.compile=true"]), root=tmp_path)
+    checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    assert not [key for key in checkpoint["state_dict"] if "_orig_mod" in key]  # no compiled wrapper in the weights
+    assert "val/dice" in result.metrics
+    mlflow.set_tracking_uri(result.tracking_uri)
+    network = mlflow.pyfunc.load_model(result.model_uri).unwrap_python_model().bundle.network
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][f"network.{key}"]), key

@@ -3,12 +3,8 @@ launch in one trial cannot take the sweep down, and GPUs are handed to trials in
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import queue
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,7 +12,7 @@ from typing import Any, NoReturn
 import optuna
 
 from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.launch import failure_reason, launch, medseg_command, set_options
+from medseg_lightning.launch import DevicePool, failure_reason, launch, medseg_command, set_options
 from medseg_lightning.sweep.config import SweepConfig, fixed_overrides, override
 from medseg_lightning.sweep.study import REASON_ATTR, RUN_ATTR, SURPLUS_ATTR, is_surplus, max_epochs, suggest
 from medseg_lightning.sweep.trial import TRIAL_ENV, TrialLink
@@ -39,39 +35,6 @@ class SweepContext:
     log_dir: Path
     pool: DevicePool
     on_trial_end: Any = None  # callable(trial_number, state, run_id, reason): marks the trial's MLflow run
-
-
-class DevicePool:
-    """Device sets for concurrent trials: disjoint GPU ids on a GPU machine, CPU thread shares otherwise."""
-
-    def __init__(self, jobs: int, devices: int, accelerator: str) -> None:
-        gpus = _gpu_count() if accelerator in ("auto", "gpu", "cuda") else 0
-        self.gpu = gpus > 0
-        if self.gpu and jobs * devices > gpus:
-            raise ValueError(f"{jobs} concurrent trial(s) x {devices} device(s) need {jobs * devices} GPUs; "
-                             f"this machine has {gpus}: lower --jobs or resources.devices")
-        self.threads = max(1, (os.cpu_count() or 1) // (jobs * devices))
-        self._free: queue.Queue[list[int] | None] = queue.Queue()
-        for slot in range(jobs):
-            self._free.put(list(range(slot * devices, (slot + 1) * devices)) if self.gpu else None)
-
-    @contextlib.contextmanager
-    def acquire(self) -> Iterator[dict[str, str]]:
-        """Environment variables that give one trial its devices."""
-        devices = self._free.get()
-        try:
-            if devices is None:
-                yield {"OMP_NUM_THREADS": str(self.threads)}
-            else:
-                yield {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
-        finally:
-            self._free.put(devices)
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
