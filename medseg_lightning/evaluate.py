@@ -135,6 +135,29 @@ class EvaluationResult:
     test_looks: Any = None  # SplitLooks of the evaluated test split, this evaluation included
 
 
+def check_unseen(bundle: ModelBundle, dataset: Any, split: str, warn: Callable[[str], None]) -> None:
+    """Cases that trained or selected the model score it on what it has learnt, not on new patients.
+
+    Raises:
+        ValueError: on the test split, naming how many cases the model has seen (a fold ensemble of a
+            cross-validation has seen every case of its cohort). On other splits this is a warning.
+    """
+    from medseg_lightning.model_io import seen_digest
+
+    if not bundle.seen_cases:
+        return  # a model saved before medseg recorded what it had seen
+    cases = dataset.split(split)
+    seen = sum(seen_digest(dataset.content_keys[case.case.case_id]) in bundle.seen_cases for case in cases)
+    if not seen:
+        return
+    message = (f"{seen} of the {len(cases)} {split} cases trained or selected this model (its training or validation "
+               "split): their scores measure what it has learnt, not how it does on new patients")
+    if split == "test":
+        raise ValueError(f"{message}. Evaluate it on cases it has not seen (a fold ensemble of a cross-validation "
+                         "has seen every case of its cohort: its estimate is the cross-validation's pooled test)")
+    warn(f"note: {message}")
+
+
 def evaluated_configuration(bundle: ModelBundle, config: ExperimentConfig) -> str:
     """The configuration hash of what is evaluated: the model's training settings with the inference settings
     this evaluation applies (post-processing chosen per call is part of the configuration)."""
@@ -174,6 +197,7 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
     if not cases:
         counts = ", ".join(f"{name} {count}" for name, count in datamodule.split_counts().items())
         raise ValueError(f"split {split!r} has no cases ({counts}); check data.split or pass --split")
+    check_unseen(bundle, datamodule.dataset, split, warn)
     config_hash = evaluated_configuration(bundle, config)
     key = split_key_of(datamodule.dataset, split)
     looks = None

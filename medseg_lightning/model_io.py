@@ -44,6 +44,7 @@ class ModelBundle:
     network: nn.Module
     config: ExperimentConfig
     in_channels: int
+    seen_cases: frozenset[str] = frozenset()  # content digests of the cases that trained or selected the model
 
 
 def build_network(config: ExperimentConfig, in_channels: int, pretrained: bool = False) -> nn.Module:
@@ -73,12 +74,19 @@ def predict_slices(network: nn.Module, config: ExperimentConfig, slices: torch.T
         return network(slices).argmax(1).to(torch.uint8).numpy()
 
 
-def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, folder: Path) -> Path:
-    """Writes ``weights.safetensors`` and ``model.yaml`` into ``folder``; returns the folder."""
+def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, folder: Path,
+                seen_cases: list[str] | None = None) -> Path:
+    """Writes ``weights.safetensors`` and ``model.yaml`` into ``folder``; returns the folder.
+
+    Args:
+        seen_cases: content digests of the training and validation cases (see ``seen_digest``), so an evaluation
+            on cases the model has seen can be refused; no case id is stored.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in network.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    spec = {"in_channels": in_channels, "config": config.model_dump(mode="json")}
+    spec = {"in_channels": in_channels, "config": config.model_dump(mode="json"),
+            **({"seen_cases": sorted(seen_digest(key) for key in seen_cases)} if seen_cases else {})}
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
 
@@ -131,8 +139,9 @@ def load_bundle(folder: Path) -> ModelBundle:
         members = [load_bundle(folder / name) for name in names]
         for member in members[1:]:
             check_compatible(members[0].config, member.config)
+        seen = frozenset().union(*(member.seen_cases for member in members))
         return ModelBundle(EnsembleNetwork([member.network for member in members]).eval(), members[0].config,
-                           members[0].in_channels)
+                           members[0].in_channels, seen)
     weights, spec_path = folder / WEIGHTS_FILE, folder / SPEC_FILE
     for path in (weights, spec_path):
         if not path.is_file():
@@ -152,4 +161,10 @@ def load_bundle(folder: Path) -> ModelBundle:
         )
     network.load_state_dict(state)
     network.eval()
-    return ModelBundle(network=network, config=config, in_channels=int(spec["in_channels"]))
+    return ModelBundle(network=network, config=config, in_channels=int(spec["in_channels"]),
+                       seen_cases=frozenset(spec.get("seen_cases") or []))
+
+
+def seen_digest(content_key: str) -> str:
+    """The short form of a case's content digest kept in a saved model (enough to recognise the case)."""
+    return content_key[:16]

@@ -248,7 +248,8 @@ def _log_outputs(logger: Any, module: SegmentationModule, datamodule: Segmentati
         if not config.tracking.log_model:
             return None
         network = module.network.cpu().eval().to(memory_format=torch.contiguous_format)
-        bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle")
+        seen = [dataset.content_keys[case.case.case_id] for split in ("train", "val") for case in dataset.split(split)]
+        bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle", seen)
         example = _example_input(datamodule)
         prediction = predict_slices(network, config, torch.from_numpy(example))
         return tracking.log_model(logger, bundle, example, prediction)

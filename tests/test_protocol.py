@@ -113,3 +113,19 @@ def test_every_look_at_a_test_split_is_counted_and_shown(experiment: Path, tmp_p
     assert main(["evaluate", "--model", f"runs:/{first.run_id}", "--data", str(experiment),
                  "--largest-component"]) == 0  # post-processing chosen per call is another configuration
     assert "evaluated 5 times by 3 distinct configurations" in capsys.readouterr().out
+
+
+def test_evaluating_a_model_on_cases_it_has_seen_is_refused_on_test(experiment: Path, tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    trained = run(load_config(experiment, TINY), root=tmp_path)
+    assert main(["evaluate", "--model", f"runs:/{trained.run_id}", "--data", str(experiment), "--split", "train"]) == 0
+    assert "note: 6 of the 6 train cases trained or selected this model" in capsys.readouterr().err
+    reshuffled = tmp_path / "reshuffled.yaml"  # another split of the same cohort: its test holds training cases
+    config = yaml.safe_load(experiment.read_text())
+    config["data"]["split"]["seed"] = 5
+    reshuffled.write_text(yaml.safe_dump(config))
+    assert main(["evaluate", "--model", f"runs:/{trained.run_id}", "--data", str(reshuffled)]) == 2
+    error = capsys.readouterr().err
+    assert "test cases trained or selected this model" in error and "not how it does on new patients" in error
+    assert main(["evaluate", "--model", f"runs:/{trained.run_id}", "--data", str(experiment)]) == 0  # unseen: fine
