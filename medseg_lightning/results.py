@@ -49,6 +49,7 @@ class ResultsTable:
     classes: list[str]
     distance: str | None
     records: list[RunRecord]
+    instance: bool  # some rows scored objects (Mask R-CNN, or a semantic model's connected components)
     settings: dict[str, str]  # run id -> the settings in which it differs from the other rows
 
 
@@ -66,7 +67,8 @@ def build_table(records: list[RunRecord], split: str = "test") -> ResultsTable:
     classes = _classes(measured, split)
     distance = next((name for name in ("hd95", "hd95_px") if any(f"{split}/{name}/mean" in r.metrics
                                                                 for r in measured)), None)
-    return ResultsTable(split, classes, distance, measured, differing_settings(measured))
+    instance = any(f"{split}/instance/pq" in record.metrics for record in measured)
+    return ResultsTable(split, classes, distance, measured, instance, differing_settings(measured))
 
 
 def _classes(records: list[RunRecord], split: str) -> list[str]:
@@ -116,7 +118,8 @@ def to_markdown(table: ResultsTable) -> str:
     show_settings = any(table.settings.values())
     header = ["run", *(["settings"] if show_settings else []), "kind", "cases", "folds", "seeds",
               *(f"{name} Dice" for name in table.classes), f"mean Dice [{level}]", "std over seeds",
-              *([f"HD95 ({'px' if table.distance == 'hd95_px' else 'mm'})"] if table.distance else [])]
+              *([f"HD95 ({'px' if table.distance == 'hd95_px' else 'mm'})"] if table.distance else []),
+              *(["PQ [95% CI]", "objects found / true", "count error [95% CI]"] if table.instance else [])]
     rows = []
     for record in table.records:
         metrics = record.metrics
@@ -127,6 +130,11 @@ def to_markdown(table: ResultsTable) -> str:
                _estimate(metrics, f"{split}/dice/mean"), _seed_std(record, split)]
         if table.distance:
             row.append(_estimate(metrics, f"{split}/{table.distance}/mean", 2))
+        if table.instance:
+            found, true = metrics.get(f"{split}/instance/n_pred"), metrics.get(f"{split}/instance/n_true")
+            row += [_estimate(metrics, f"{split}/instance/pq", 3),
+                    f"{found:.2f} / {true:.2f}" if found is not None and true is not None else "n/a",
+                    _estimate(metrics, f"{split}/instance/count_error", 2)]
         rows.append(row)
     provenance = [[record.name, f"`{record.tags.get('medseg.command', 'n/a (not run from the command line)')}`",
                    f"`{record.tags.get('medseg.config_hash', 'n/a')}`", f"`{record.tags.get('git.commit', 'n/a')[:10]}`"
@@ -144,7 +152,8 @@ def to_csv(table: ResultsTable) -> str:
     """Every value of the table, one run per row, with its run id."""
     split = table.split
     keys = [*(f"dice/{name}" for name in table.classes), "dice/mean",
-            *([f"{table.distance}/mean"] if table.distance else [])]
+            *([f"{table.distance}/mean"] if table.distance else []),
+            *(["instance/pq", "instance/count_error", "instance/n_pred", "instance/n_true"] if table.instance else [])]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["run_id", "run", "kind", "settings", "n_cases", "n_folds", "n_seeds",

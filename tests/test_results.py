@@ -109,3 +109,19 @@ def test_results_replace_a_marked_block_of_a_document(store: tuple[MlflowClient,
     assert text.endswith("<!-- /medseg-results -->\nafter\n") and "0.8929 [0.8829, 0.9029]" in text
     assert main(["results", "--kind", "cross-validation", "--into", f"{page}:missing"]) == 2
     assert "no '<!-- medseg-results missing -->'" in capsys.readouterr().err
+
+
+def test_results_show_object_metrics_when_runs_scored_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.create_experiment("cells")
+    objects = {"test/instance/pq": 0.30812, "test/instance/pq_ci_low": 0.207, "test/instance/pq_ci_high": 0.4241,
+               "test/instance/n_pred": 4.4, "test/instance/n_true": 4.0667, "test/instance/count_error": 0.3333,
+               "test/instance/count_error_ci_low": -0.5333, "test/instance/count_error_ci_high": 1.2}
+    _run(client, experiment, "mask-rcnn", _scores("test", 0.873, 0.873, 0.873, 1.0, 15) | objects, {}, {})
+    assert main(["results", "--experiment", "cells"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| HD95 (mm) | PQ [95% CI] | objects found / true | count error [95% CI] |")
+    assert lines[2].endswith("| 1.00 | 0.308 [0.207, 0.424] | 4.40 / 4.07 | 0.33 [-0.53, 1.20] |")

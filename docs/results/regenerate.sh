@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Regenerates every results table of README.md and docs/results/*.md from the MLflow store (the project's
+# mlruns/, or $MLFLOW_TRACKING_URI), after the commands each table names have run. Nothing in a results section
+# is typed by hand: rerun this after new runs and commit the changed pages.
+#
+#   docs/results/regenerate.sh               tables from the tracking store (seconds)
+#   docs/results/regenerate.sh --benchmarks  also rerun the speed benchmarks and insert their output (minutes;
+#                                            needs MEDSEG_DATA_ROOT for the inference benchmark)
+#
+# A table whose runs are not in the store is left as it is, with a note on stderr.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+MEDSEG="${MEDSEG:-medseg}"
+PYTHON="${PYTHON:-python}"
+
+table() {  # table FILE:BLOCK [medseg results options...]
+  local target="$1"; shift
+  if ! "$MEDSEG" results "$@" --into "$target"; then
+    echo "skipped $target: no matching runs in this store (run the commands shown beside it first)" >&2
+  fi
+}
+
+dev='params.`trainer.evaluate_test` = '"'"'False'"'"''
+
+# MSD Hippocampus: the settings chosen on fold 0's validation split, then the 5-fold cross-validation
+table docs/results/hippocampus.md:selection --experiment hippocampus_unet --kind training --split val --filter "$dev"
+table docs/results/hippocampus.md:cv --experiment hippocampus_unet --kind cross-validation
+table README.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
+
+# LGG brain MRI: selection on fold 0's validation patients, the 5-fold cross-validation
+table docs/results/lgg.md:selection --experiment lgg_flair --kind training --split val --filter "$dev"
+table docs/results/lgg.md:cv --experiment lgg_flair --kind cross-validation
+table README.md:lgg-cv --experiment lgg_flair --kind cross-validation
+
+# Instance segmentation
+table README.md:touching --experiment touching_mask_rcnn
+table README.md:hippocampus-objects --experiment quickstart_mask_rcnn --experiment quickstart --kind training
+
+if [[ "${1:-}" == "--benchmarks" ]]; then
+  bench() {  # bench FILE:BLOCK command...
+    local target="$1"; shift
+    local output
+    if output="$("$@")"; then
+      printf '```text\n%s\n```\n' "$output" | "$PYTHON" -c '
+import sys
+from pathlib import Path
+from medseg_lightning.results import insert_between_markers
+file, _, block = sys.argv[1].partition(":")
+insert_between_markers(Path(file), block, sys.stdin.read())' "$target"
+      echo "$target: benchmark output inserted"
+    else
+      echo "skipped $target: the benchmark failed" >&2
+    fi
+  }
+  bench README.md:train-overhead "$PYTHON" benchmarks/train_step_overhead.py --steps 30 --repeats 2 --channels-last
+  bench README.md:train-throughput "$PYTHON" benchmarks/train_throughput.py --steps 30 --repeats 2
+  bench README.md:inference-speed "$PYTHON" benchmarks/inference_speed.py --cases 40 --repeats 3
+fi
