@@ -214,15 +214,20 @@ def _results(args: argparse.Namespace) -> int:
     if not records:
         print("error: no finished run matches; check --experiment, --parent, --kind and --filter", file=sys.stderr)
         return 1
-    table = build_table(records, args.split)
-    markdown = to_markdown(table)
-    if args.csv:
+    if all(record.kind == "cross-site" for record in records):
+        from medseg_lightning.results import crosssite_markdown
+
+        markdown, table = crosssite_markdown(records), None
+    else:
+        table = build_table(records, args.split)
+        markdown = to_markdown(table)
+    if args.csv and table is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         args.csv.write_text(to_csv(table))
     if args.into:
         file, _, block = args.into.partition(":")
         insert_between_markers(Path(file), block, markdown)
-        print(f"{file}: block {block!r} now holds {len(table.records)} row(s)")
+        print(f"{file}: block {block!r} now holds the table of {len(records)} run(s)")
     else:
         print(markdown, end="")
     return 0

@@ -171,6 +171,32 @@ def to_csv(table: ResultsTable) -> str:
     return out.getvalue()
 
 
+def crosssite_markdown(records: list[RunRecord]) -> str:
+    """Cross-site runs: per held-out group, its cases' Dice seen and unseen in training and the paired drop."""
+    blocks = []
+    for record in records:
+        metrics = record.metrics
+        groups = sorted({(parts[1], parts[2]) for parts in (key.split("/") for key in metrics)
+                         if len(parts) == 4 and parts[0] == "crosssite" and parts[3] == "dice_drop"})
+        if not groups:
+            raise ValueError(f"run {record.run_id} ({record.name}) logged no crosssite/<attribute>/<group>/dice_drop")
+        attribute = groups[0][0]
+        rows = [[group, _count(metrics.get(f"crosssite/{attr}/{group}/n"), "n/a"),
+                 *(_estimate(metrics, f"crosssite/{attr}/{group}/{name}") for name in ("dice_in", "dice_out",
+                                                                                     "dice_drop"))]
+                for attr, group in groups]
+        mean = metrics.get(f"crosssite/{attribute}/dice_drop_mean")
+        provenance = (f"Command: `{record.tags.get('medseg.command', 'n/a')}`; configuration "
+                      f"`{record.tags.get('medseg.config_hash', 'n/a')}`; git commit "
+                      f"`{record.tags.get('git.commit', 'n/a')[:10]}`.")
+        blocks.append("\n".join([
+            f"{record.name}: held-out {attribute}; seen = the pooled cross-validation, unseen = a model trained and "
+            f"validated on the other groups; drop = seen - unseen, paired per case, 95% bootstrap intervals.", "",
+            _md([attribute, "cases", "seen in training", "not seen", "drop"]), _md(["---"] * 5), *map(_md, rows), "",
+            (f"Mean drop over the groups: {mean:.4f}. " if mean is not None else "") + provenance]))
+    return "\n\n".join(blocks) + "\n"
+
+
 def _md(cells: list[Any]) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 

@@ -125,3 +125,24 @@ def test_results_show_object_metrics_when_runs_scored_objects(tmp_path: Path, mo
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| HD95 (mm) | PQ [95% CI] | objects found / true | count error [95% CI] |")
     assert lines[2].endswith("| 1.00 | 0.308 [0.207, 0.424] | 4.40 / 4.07 | 0.33 [-0.53, 1.20] |")
+
+
+def test_results_of_a_crosssite_study_are_its_drop_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.create_experiment("lgg")
+    metrics = {"crosssite/site/dice_drop_mean": 0.04325}
+    for group, (n, seen, unseen) in {"CS": (13, 0.585, 0.617), "HT": (27, 0.735, 0.691)}.items():
+        for name, value in (("dice_in", seen), ("dice_out", unseen), ("dice_drop", seen - unseen)):
+            metrics |= {f"crosssite/site/{group}/{name}": value, f"crosssite/site/{group}/{name}_ci_low": value - 0.1,
+                        f"crosssite/site/{group}/{name}_ci_high": value + 0.1}
+        metrics[f"crosssite/site/{group}/n"] = n
+    _run(client, experiment, "cross-site-lgg", metrics, {}, {"medseg.kind": "cross-site",
+                                                             "medseg.command": "medseg crosssite x.yaml"})
+    assert main(["results", "--kind", "cross-site"]) == 0
+    out = capsys.readouterr().out
+    assert "| site | cases | seen in training | not seen | drop |" in out
+    assert "| CS | 13 | 0.5850 [0.4850, 0.6850] | 0.6170 [0.5170, 0.7170] | -0.0320 [-0.1320, 0.0680] |" in out
+    assert "| HT | 27 |" in out and "Mean drop over the groups: 0.0432" in out and "`medseg crosssite x.yaml`" in out
