@@ -31,6 +31,7 @@ table README.md:hippocampus-cv --experiment hippocampus_unet --kind cross-valida
 table docs/results/lgg.md:selection --experiment lgg_flair --kind training --split val --filter "$dev"
 table docs/results/lgg.md:cv --experiment lgg_flair --kind cross-validation
 table README.md:lgg-cv --experiment lgg_flair --kind cross-validation
+table docs/results/lgg.md:crosssite --experiment lgg_crosssite --kind cross-site
 
 # Instance segmentation
 table README.md:touching --experiment touching_mask_rcnn
