@@ -233,6 +233,23 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from medseg_lightning import tracking
+    from medseg_lightning.tracking.cleanup import collect
+
+    root = tracking.project_root(Path.cwd())
+    result = collect(MlflowClient(tracking.resolve_store_from_env(root)[0]), root, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path, size in result.removed:
+        print(f"{verb} {path} ({size / 2**20:.1f} MiB)")
+    for path, reason in result.kept:
+        print(f"kept {path} ({reason})")
+    print(f"{verb} {len(result.removed)} checkpoint folder(s), {result.bytes / 2**20:.1f} MiB; kept {len(result.kept)}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -315,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the table between <!-- medseg-results BLOCK --> and <!-- /medseg-results --> "
                               "in FILE instead of printing it")
     results.set_defaults(handler=_results)
+
+    gc = verbs.add_parser("gc", help="remove the local checkpoints of finished and deleted runs (never resumable ones)")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(handler=_gc)
 
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
     ui.add_argument("--host", default="127.0.0.1")

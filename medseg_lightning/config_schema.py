@@ -277,6 +277,9 @@ class TrainerConfig(StrictModel):
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="validate, checkpoint and ship an exponential moving average of the weights "
         "(over about 1 / (1 - decay) steps, BatchNorm statistics too); null: the weights as trained")
+    keep_checkpoints: Literal["none", "last", "best", "both"] = Field(
+        "none", description="local checkpoints kept once a run has finished (a run that failed or was interrupted "
+        "always keeps its last one, to resume from); the logged model holds the weights either way")
     evaluate_test: bool = Field(
         True, description="test the best model at the end of training; false for tuning (development mode: the "
         "test split is never looked at; evaluate it once at the end with medseg evaluate --split test)")
@@ -298,6 +301,9 @@ class TrackingConfig(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)
     log_overlays: int = Field(4, ge=0, description="prediction overlay PNGs per validation epoch")
     log_model: bool = True
+    log_checkpoint: Literal["none", "weights", "full"] = Field(
+        "none", description="copy of the best checkpoint among the run's artifacts: none, weights (no optimiser "
+        "state), full (resumable elsewhere; about 3x the weights for Adam)")
 
 
 class FairnessConfig(StrictModel):

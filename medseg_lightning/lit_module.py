@@ -146,8 +146,9 @@ class SegmentationModule(pl.LightningModule):
         config = self.optimizer_config
         groups = _parameter_groups(self.network, config.lr, self.encoder_lr_multiplier)
         if config.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True,
-                                        weight_decay=config.weight_decay)
+            # Nesterov as nnU-Net; torch refuses it without momentum, and momentum 0 (plain SGD) is a valid setting
+            optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                                        nesterov=config.momentum > 0, weight_decay=config.weight_decay)
         else:
             optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         if config.scheduler == "none":
@@ -157,7 +158,7 @@ class SegmentationModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                             total_steps=total)
         else:
-            warmup = int(total * config.warmup_epochs / max(1, self.trainer.max_epochs or 1))
+            warmup = int(config.warmup_epochs)
             factor = _schedule(config.scheduler, total, warmup, config.poly_power)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,6 +5,7 @@ The CLI, the sweep and the tests all call ``run``; nothing else wires components
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 import warnings
@@ -112,6 +113,7 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> Run
                                         result.test_looks)
         if link and pruning:
             write_result(link, result.run_id, metrics, pruning.pruned_at, trainer.current_epoch)
+        _prune_checkpoints(checkpoints, checkpoint.best_model_path, config.trainer.keep_checkpoints)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -215,9 +217,36 @@ def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule, datamodule: 
 
 
 def _epoch_of(checkpoint: str) -> int:
-    if not checkpoint or not Path(checkpoint).is_file():
-        return -1
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("epoch", -1))
+    """The epoch in the best checkpoint's name (``best-epoch007.ckpt``): read without unpickling the file."""
+    match = re.search(r"best-epoch(\d+)", Path(checkpoint).name) if checkpoint else None
+    return int(match.group(1)) if match else -1
+
+
+def _prune_checkpoints(folder: Path | None, best: str, keep: str) -> None:
+    """After a successful run, only the checkpoints ``trainer.keep_checkpoints`` asks for stay on disk (a failed or
+    interrupted run never gets here, so it keeps its last checkpoint to resume from)."""
+    if folder is None or not folder.is_dir():
+        return
+    kept = {"none": set(), "last": {"last.ckpt"}, "best": {Path(best).name}, "both": {"last.ckpt", Path(best).name}}
+    for path in folder.glob("*.ckpt"):
+        if path.name not in kept[keep]:
+            path.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _checkpoint_artifact(best: str, mode: str, folder: Path) -> Path | None:
+    """The best checkpoint as ``tracking.log_checkpoint`` asks: the file itself, or its weights and epoch only."""
+    if mode == "none" or not best or not Path(best).is_file():
+        return None
+    if mode == "full":
+        return Path(best)
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)  # our own file: tensors and plain data
+    keep = {key: checkpoint[key] for key in ("state_dict", "epoch", "global_step", "current_model_state")
+            if key in checkpoint}
+    path = folder / f"{Path(best).stem}-weights.ckpt"
+    torch.save(keep, path)
+    return path
 
 
 def _record_test_look(logger: Any, config: ExperimentConfig, datamodule: SegmentationDataModule) -> SplitLooks:
@@ -243,8 +272,9 @@ def _log_outputs(logger: Any, module: SegmentationModule, datamodule: Segmentati
         for artifact_folder, files in outputs.files.items():
             tracking.log_report(logger.experiment, logger.run_id, files, artifact_folder, {})
         tracking.log_report(logger.experiment, logger.run_id, [], "", outputs.tags, outputs.description or None)
-        if best_checkpoint:
-            tracking.log_artifact_file(logger, Path(best_checkpoint), "checkpoints")
+        artifact = _checkpoint_artifact(best_checkpoint, config.tracking.log_checkpoint, folder)
+        if artifact is not None:
+            tracking.log_artifact_file(logger, artifact, "checkpoints")
         if not config.tracking.log_model:
             return None
         network = module.network.cpu().eval().to(memory_format=torch.contiguous_format)

@@ -20,6 +20,7 @@ from medseg_lightning.train import RunResult, run
 from medseg_lightning.transfer import load_pretrained
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "trainer.keep_checkpoints=both", "tracking.log_checkpoint=weights",
         "tracking.log_overlays=2"]
 
 
