@@ -158,7 +158,7 @@ class SegmentationModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                             total_steps=total)
         else:
-            warmup = int(config.warmup_epochs)
+            warmup = int(total * config.warmup_epochs / max(1, self.trainer.max_epochs or 1))
             factor = _schedule(config.scheduler, total, warmup, config.poly_power)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

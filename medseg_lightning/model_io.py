@@ -19,6 +19,7 @@ from torch import nn
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.models import create_model
 
+FORMAT_VERSION = 1  # of model.yaml; a newer one was written by a newer medseg and may not load right here
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.yaml"
 ENSEMBLE_FILE = "ensemble.yaml"
@@ -85,7 +86,10 @@ def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, 
     folder.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in network.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    spec = {"in_channels": in_channels, "config": config.model_dump(mode="json"),
+    from medseg_lightning import __version__
+
+    spec = {"format": FORMAT_VERSION, "medseg_version": __version__, "in_channels": in_channels,
+            "config": config.model_dump(mode="json"),
             **({"seen_cases": sorted(seen_digest(key) for key in seen_cases)} if seen_cases else {})}
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
@@ -147,6 +151,10 @@ def load_bundle(folder: Path) -> ModelBundle:
         if not path.is_file():
             raise ValueError(f"{path}: missing; a medseg model folder holds {WEIGHTS_FILE} and {SPEC_FILE}")
     spec = yaml.safe_load(spec_path.read_text())
+    made = int(spec.get("format", 0))
+    if made > FORMAT_VERSION:
+        raise ValueError(f"{spec_path}: saved by medseg {spec.get('medseg_version', '?')} in model format {made}; this "
+                         f"medseg reads formats up to {FORMAT_VERSION}: upgrade medseg-lightning to load it")
     config = ExperimentConfig.model_validate(spec["config"])
     network = build_network(config, int(spec["in_channels"]))
     state = load_file(str(weights))

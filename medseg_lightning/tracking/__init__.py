@@ -5,6 +5,7 @@ Nothing outside this package imports mlflow, so the rest of the code trains, tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -206,24 +207,36 @@ def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, predictio
 
 
 def log_model_to_run(tracking_uri: str, run_id: str, bundle_folder: Path, example: Any, prediction: Any) -> str:
-    """``log_model`` for any run of a store (a study's parent run logs its fold ensemble this way)."""
+    """``log_model`` for any run of a store (a study's parent run logs its fold ensemble this way).
+
+    MLflow records the paths it was given in the model's ``MLmodel`` file, so the model is logged from a staging
+    folder with relative paths: no user folder (checkout, temporary directory) ends up in the store.
+    """
+    import shutil
+
     from mlflow.models import infer_signature
 
     import medseg_lightning
 
-    code = Path(__file__).with_name("pyfunc_model.py")
-    with using_store(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code),
-            artifacts={"bundle": str(bundle_folder)},
-            code_paths=[str(Path(medseg_lightning.__file__).parent)],
-            signature=infer_signature(example, prediction),
-            input_example=example,
-            pip_requirements=[f"{name}=={version}" for name, version in package_versions().items()
-                              if name not in ("python", "medseg-lightning")],
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp)
+        shutil.copy(Path(__file__).with_name("pyfunc_model.py"), staging / "pyfunc_model.py")
+        shutil.copytree(bundle_folder, staging / "bundle")
+        shutil.copytree(Path(medseg_lightning.__file__).parent, staging / "medseg_lightning",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        with (using_store(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings(),
+              contextlib.chdir(staging)):
+            warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model="pyfunc_model.py",
+                artifacts={"bundle": "bundle"},
+                code_paths=["medseg_lightning"],
+                signature=infer_signature(example, prediction),
+                input_example=example,
+                pip_requirements=[f"{name}=={version}" for name, version in package_versions().items()
+                                  if name not in ("python", "medseg-lightning")],
+            )
     return info.model_uri
 
 
@@ -255,18 +268,30 @@ class OverlayCallback(Callback):
 
 
 def load_logged_bundle(uri: str, root: Path) -> Any:
-    """A medseg model logged in MLflow (``runs:/ID[/model]`` or ``models:/NAME/VERSION``), rebuilt from its
-    config and safetensors weights: the pyfunc is defined from code, so nothing is unpickled."""
+    """A medseg model logged in MLflow (``runs:/ID[/model]``, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``,
+    ``models:/m-...``), rebuilt from its ``model.yaml`` and safetensors weights by the installed package's code.
+
+    The model's files are downloaded, never imported: ``mlflow.pyfunc.load_model`` would import the
+    ``python_model`` file and the code copy stored with the model, so whoever can write to the artifact store
+    could run code on every machine that predicts, evaluates or exports. The pyfunc stays for ``mlflow models
+    serve``.
+
+    Raises:
+        ValueError: the model cannot be found in the store, or is not a medseg model.
+    """
+    from medseg_lightning.model_io import load_bundle
+
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
         uri = f"{uri.rstrip('/')}/model"
     store, _ = resolve_store_from_env(root)
-    try:
-        with using_store(store), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # type-hint advice that does not apply to tensor models
-            model = mlflow.pyfunc.load_model(uri)
-    except mlflow.exceptions.MlflowException as error:
-        raise ValueError(f"cannot load {uri} from {store}: {error.message}") from None
-    return model.unwrap_python_model().bundle
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = download_bundle(store, uri, Path(tmp))
+        except mlflow.exceptions.MlflowException as error:
+            raise ValueError(f"cannot load {uri} from {store}: {error.message}") from None
+        if not folder.is_dir():
+            raise ValueError(f"{uri} is not a medseg model (no artifacts/bundle folder with model.yaml)")
+        return load_bundle(folder)  # weights are read into memory, so the download can go
 
 
 def resolve_store_from_env(root: Path) -> tuple[str, str | None]:
