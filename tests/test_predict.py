@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -140,7 +141,6 @@ def test_a_dicom_series_gets_a_nifti_mask_with_its_geometry(model, cohort: Path,
 
 def test_export_cli_writes_an_onnx_model_that_matches(model, tmp_path: Path) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
-    import torch
 
     folder, _, bundle = model
     assert main(["export", "--model", str(folder), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
@@ -177,3 +177,57 @@ def test_largest_component_flags_default_to_the_models_setting() -> None:
         assert parser.parse_args(verb).largest_component is None  # None: the model's inference.largest_component
         assert parser.parse_args([*verb, "--largest-component"]).largest_component is True
         assert parser.parse_args([*verb, "--no-largest-component"]).largest_component is False
+
+
+class _Ramps(torch.nn.Module):
+    """A fixed network that is not flip-equivariant: logits ``[0, a*col + c*x, b*row - c*x]`` depend on where a
+    pixel is (a left-right and a top-bottom ramp of different slopes) as well as on its value, so flipping its
+    input does not flip its output."""
+
+    def __init__(self, a: float, b: float, c: float) -> None:
+        super().__init__()
+        self.a, self.b, self.c = a, b, c
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        rows = torch.arange(height, dtype=image.dtype)[:, None].expand(height, width)
+        cols = torch.arange(width, dtype=image.dtype)[None, :].expand(height, width)
+        return _ramp_logits(image[:, 0], rows, cols, self.a, self.b, self.c)
+
+
+def _ramp_logits(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, a: float, b: float,
+                 c: float) -> torch.Tensor:
+    return torch.stack([torch.zeros_like(values), a * cols + c * values, b * rows - c * values], dim=1)
+
+
+def test_tta_averages_each_flip_put_back_in_place_and_the_ensemble() -> None:
+    """``--tta`` predicts the slice and its left-right and top-bottom mirror images and must mirror each of those
+    predictions back before averaging (and average over the ensemble's models too). The networks here are not
+    flip-equivariant, so a missing un-flip, or one along the wrong axis, gives other probabilities."""
+    from medseg_lightning.config_schema import ExperimentConfig
+    from medseg_lightning.model_io import ModelBundle
+    from medseg_lightning.predict import Predictor
+
+    config = ExperimentConfig(name="tta", data={"source": "unused", "labels": {0: "bg", 1: "left", 2: "low"}})
+    nets = [(0.7, 0.4, 1.5), (-0.3, 0.9, -0.8)]
+    bundles = [ModelBundle(_Ramps(*net), config, in_channels=1) for net in nets]
+    slices = torch.randn(3, 1, 6, 8, generator=torch.Generator().manual_seed(0))  # H != W: axes cannot be swapped
+    predictor = Predictor(bundles, tta=True, batch_size=2, device="cpu")  # 2 batches: chunks re-joined in order
+
+    # By hand: on the left-right mirror image the network sees at column w the value of column W-1-w, and its
+    # prediction there is put back at column W-1-w; so pixel (h, w) gets the logits of value x[h, w] at column
+    # W-1-w. Likewise for rows with the top-bottom mirror image.
+    height, width = slices.shape[-2:]
+    rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+    cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+    views = [(rows, cols), (rows, width - 1 - cols), (height - 1 - rows, cols)]
+    values = slices[:, 0]
+    expected = sum(torch.softmax(_ramp_logits(values, r, c, *net), dim=1) for net in nets for r, c in views) / 6
+
+    probabilities = predictor.probabilities(slices)
+    torch.testing.assert_close(probabilities, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(predictor.labels(slices), expected.argmax(1).to(torch.uint8))
+    # the flips matter here: without TTA the average is another one (else this test could not tell)
+    plain = sum(torch.softmax(_ramp_logits(values, rows, cols, *net), dim=1) for net in nets) / 2
+    assert (Predictor(bundles, tta=False, device="cpu").probabilities(slices) - plain).abs().max() < 1e-6
+    assert (probabilities - plain).abs().max() > 0.1

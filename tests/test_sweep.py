@@ -309,14 +309,46 @@ def test_a_resumed_seeded_study_does_not_repeat_its_parameters(sweep_folder: Pat
     assert first.params != second.params
 
 
+def _first_proposals(sampler: optuna.samplers.BaseSampler) -> list[float]:
+    """The values a sampler proposes for three trials of a fresh study (before any modelling: its seeded draws)."""
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=3)
+    return [trial.params["x"] for trial in study.trials]
+
+
 def test_every_sampler_and_pruner_can_be_built() -> None:
+    """Each name builds the Optuna class it documents, with the sweep file's settings (checked on the private
+    attributes where Optuna exposes no other way to read them)."""
     from medseg_lightning.sweep.config import PrunerConfig, SamplerConfig
     from medseg_lightning.sweep.study import make_pruner, make_sampler
 
-    for name in ("tpe", "random", "cmaes", "nsga2"):
-        assert make_sampler(SamplerConfig(name=name, seed=0), 1) is not None
-    for name in ("median", "hyperband", "threshold", "none"):
-        assert make_pruner(PrunerConfig(name=name, lower=0.1), 5) is not None
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
+    for name, cls in samplers.items():
+        config = SamplerConfig(name=name, seed=7, n_startup_trials=4)
+        assert type(make_sampler(config, 1)) is cls, name
+        # the seed reaches the sampler: the same seed proposes the same trials, another seed other ones
+        first = _first_proposals(make_sampler(config, 1))
+        assert _first_proposals(make_sampler(config, 1)) == first, name
+        assert _first_proposals(make_sampler(config.model_copy(update={"seed": 8}), 1)) != first, name
+    tpe = make_sampler(SamplerConfig(name="tpe", n_startup_trials=4), 1)
+    assert tpe._n_startup_trials == 4 and tpe._multivariate is True
+    assert make_sampler(SamplerConfig(name="tpe"), 2)._multivariate is False  # several objectives: independent
+    assert make_sampler(SamplerConfig(name="cmaes", n_startup_trials=4), 1)._n_startup_trials == 4
+
+    settings = PrunerConfig(n_startup_trials=4, n_warmup_steps=2, min_resource=2, reduction_factor=4, lower=0.1,
+                            upper=0.9)
+    median = make_pruner(settings.model_copy(update={"name": "median"}), 5)
+    assert type(median) is optuna.pruners.MedianPruner
+    assert (median._n_startup_trials, median._n_warmup_steps) == (4, 2)
+    hyperband = make_pruner(settings.model_copy(update={"name": "hyperband"}), 5)
+    assert type(hyperband) is optuna.pruners.HyperbandPruner
+    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (2, 5, 4)
+    assert make_pruner(settings.model_copy(update={"name": "hyperband"}))._max_resource == "auto"
+    threshold = make_pruner(settings.model_copy(update={"name": "threshold"}), 5)
+    assert type(threshold) is optuna.pruners.ThresholdPruner
+    assert (threshold._lower, threshold._upper, threshold._n_warmup_steps) == (0.1, 0.9, 2)
+    assert type(make_pruner(settings.model_copy(update={"name": "none"}), 5)) is optuna.pruners.NopPruner
 
 
 def test_two_objectives_give_a_pareto_front(sweep_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
