@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,8 +47,47 @@ def project_root(start: Path) -> Path:
 def resolve_store(config: ExperimentConfig, root: Path) -> tuple[str, str | None]:
     """Tracking URI and artifact location: the config, ``$MLFLOW_TRACKING_URI``, else ``root/mlruns``."""
     if config.tracking.tracking_uri:
+        ensure_schema(config.tracking.tracking_uri)
         return config.tracking.tracking_uri, None
     return resolve_store_from_env(root)
+
+
+_SCHEMA_READY: set[str] = set()
+_RACE_MESSAGES = ("already exists", "duplicate column", "unique constraint", "duplicate key", "database is locked")
+
+
+def ensure_schema(uri: str, attempts: int = 8) -> None:
+    """Creates MLflow's tables in a new database store before anything else uses it, once per process.
+
+    Several processes opening a new store at once (the nodes of a multi-node run, sweep workers on an empty
+    PostgreSQL database) race to create MLflow's schema, and the loser fails ("table experiments already
+    exists", "duplicate column name") or, on SQLite, can leave a half-migrated file. MLflow does not lock it, so:
+    an exclusive file lock beside a SQLite file (one machine), and retries for server databases, whose DDL runs in
+    transactions that roll back.
+    """
+    if uri in _SCHEMA_READY or not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        return
+    if uri.startswith("sqlite:///"):
+        import fcntl
+
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with open(database.with_name(database.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    else:
+        for attempt in range(1, attempts + 1):
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)
+                break
+            except Exception as error:  # SQLAlchemy and MLflow wrap the database's own error types
+                if attempt == attempts or not any(text in str(error).lower() for text in _RACE_MESSAGES):
+                    raise
+                time.sleep(0.3 * attempt)
+    _SCHEMA_READY.add(uri)
 
 
 def is_global_zero() -> bool:
@@ -298,7 +338,10 @@ def resolve_store_from_env(root: Path) -> tuple[str, str | None]:
     """The store used when no experiment config is at hand: ``$MLFLOW_TRACKING_URI`` or ``root/mlruns``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        ensure_schema(uri)
         return uri, None
     mlruns = root / "mlruns"
     mlruns.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{mlruns / 'mlflow.db'}", (mlruns / "artifacts").as_uri()
+    uri = f"sqlite:///{mlruns / 'mlflow.db'}"
+    ensure_schema(uri)
+    return uri, (mlruns / "artifacts").as_uri()
