@@ -69,7 +69,7 @@ def test_a_model_saved_by_a_newer_format_is_refused_with_advice(logged: tuple[Pa
     copied.mkdir()
     (copied / "weights.safetensors").write_bytes((bundle / "weights.safetensors").read_bytes())
     (copied / SPEC_FILE).write_text(yaml.safe_dump({**spec, "format": 99, "medseg_version": "9.0"}))
-    with pytest.raises(ValueError, match="saved by medseg 9.0 in model format 99.*upgrade medseg-lightning"):
+    with pytest.raises(ValueError, match=r"saved by medseg 9\.0 in model format 99.*upgrade medseg-lightning"):
         load_bundle(copied)
 
 

@@ -65,7 +65,13 @@ def ensure_schema(uri: str, attempts: int = 8) -> None:
     an exclusive file lock beside a SQLite file (one machine), and retries for server databases, whose DDL runs in
     transactions that roll back.
     """
-    if uri in _SCHEMA_READY or not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+    if uri in _SCHEMA_READY:
+        return
+    if uri.startswith(("http://", "https://")):
+        check_server_access(uri)
+        _SCHEMA_READY.add(uri)
+        return
+    if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
         return
     if uri.startswith("sqlite:///"):
         import fcntl
@@ -332,6 +338,29 @@ def load_logged_bundle(uri: str, root: Path) -> Any:
         if not folder.is_dir():
             raise ValueError(f"{uri} is not a medseg model (no artifacts/bundle folder with model.yaml)")
         return load_bundle(folder)  # weights are read into memory, so the download can go
+
+
+def check_server_access(uri: str) -> None:
+    """One cheap request to a tracking server, so a refused login is reported as such before anything runs (MLflow
+    would otherwise surface it later as "no such run" or "no registered model").
+
+    Raises:
+        ValueError: the server refused the request (HTTP 401 or 403), naming the variables that carry credentials.
+    """
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as error:
+        status = getattr(error, "get_http_status_code", lambda: None)()
+        text = str(error)
+        if status in (401, 403) or " 401 " in text or " 403 " in text:
+            given = "MLFLOW_TRACKING_USERNAME" in os.environ or "MLFLOW_TRACKING_TOKEN" in os.environ
+            raise ValueError(
+                f"the tracking server {uri} refused the request (HTTP {status or '401/403'}): "
+                + ("the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                   "were not accepted, or that user lacks permission" if given else
+                   "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN")
+            ) from None
+        raise ValueError(f"cannot use the tracking server {uri}: {text.splitlines()[0][:300]}") from None
 
 
 def resolve_store_from_env(root: Path) -> tuple[str, str | None]:
