@@ -251,9 +251,8 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from medseg_lightning import tracking
+    from medseg_lightning.launch import run_process_group
 
     store, artifacts = tracking.resolve_store_from_env(tracking.project_root(Path.cwd()))
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host,
@@ -261,7 +260,7 @@ def _ui(args: argparse.Namespace) -> int:
     if artifacts:
         command += ["--default-artifact-root", artifacts]
     print(" ".join(command))
-    return subprocess.call(command)
+    return run_process_group(command)  # stopping medseg ui stops the MLflow server and its workers too
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,3 +126,45 @@ def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def run_process_group(command: list[str]) -> int:
+    """Runs a server (``mlflow ui``) in a process group of its own and stops the whole group when this process
+    is stopped (SIGTERM, SIGINT, SIGHUP) or exits: ``mlflow ui`` starts uvicorn and huey worker processes that
+    would otherwise stay behind, still listening on the port."""
+    process = subprocess.Popen(command, start_new_session=True,
+                               preexec_fn=None if not sys.platform.startswith("linux") else _die_with_parent)
+    stopping = {"signal": 0}
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping["signal"] = signum
+        _stop_group(process, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = process.wait()
+    finally:
+        _stop_group(process, signal.SIGTERM)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + stopping["signal"] if stopping["signal"] else code
+
+
+def _stop_group(process: subprocess.Popen[bytes], sig: int, timeout: float = 15) -> None:
+    """Signals the process group, then kills what is still there after ``timeout`` seconds."""
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        group = process.pid  # the leader is gone; its group id is its pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return  # the whole group is gone
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(0.2)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGKILL)
