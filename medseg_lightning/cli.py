@@ -93,8 +93,16 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from medseg_lightning.data.synth import generate_cohort, parse_hard_group
+    from medseg_lightning.data.synth import cohort_files, generate_cohort, parse_hard_group
 
+    hard = parse_hard_group(args.hard_group) if args.hard_group else None
+    existing = [path for path in cohort_files(args.out, args.cases, args.instances) if path.exists()]
+    if existing and not args.force:  # a manifest may hold the user's own columns, the images their own data
+        what = (f"{existing[0]} and {len(existing) - 1} more file(s) this command writes exist" if len(existing) > 1
+                else f"{existing[0]} exists")
+        print(f"error: {args.out} already holds a dataset ({what}); use --force to replace "
+              f"{'them' if len(existing) > 1 else 'it'}, or choose another --out", file=sys.stderr)
+        return 1
     if args.instances:
         from medseg_lightning.data.synth_instances import generate_instance_cohort
 
@@ -102,7 +110,6 @@ def _data_synth(args: argparse.Namespace) -> int:
         manifest = generate_instance_cohort(args.out, args.cases, seed=args.seed, shape=shape)
         print(f"wrote {args.cases} synthetic case(s) of touching objects and {manifest}")
         return 0
-    hard = parse_hard_group(args.hard_group) if args.hard_group else None
     manifest = generate_cohort(args.out, args.cases, seed=args.seed, shape=tuple(args.shape or (48, 48, 32)),
                                hard_group=hard, cases_per_subject=args.cases_per_subject)
     print(f"wrote {args.cases} synthetic case(s) and {manifest}")
@@ -115,6 +122,8 @@ def _train(args: argparse.Namespace) -> int:
     from medseg_lightning.train import run
 
     config = load_config(args.experiment, args.overrides)
+    if args.force and not args.resume:
+        raise ValueError("--force applies to --resume RUN_ID only (to resume a FINISHED run)")
     if args.seeds is not None and args.seeds > 1:
         if args.resume:
             raise ValueError("--seeds and --resume: rerun the same --seeds command to continue the repeats (finished "
@@ -123,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
         from medseg_lightning.summaries import format_repeats
 
         return _study(lambda: format_repeats(run_repeats(config, args.seeds, jobs=args.jobs)))
-    result = run(config, resume=args.resume)
+    result = run(config, resume=args.resume, resume_finished=args.force)
     if tracking.is_global_zero():
         print(format_summary(result))
     return 0
@@ -276,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train, validate and test an experiment, tracked in MLflow")
     _add_experiment(train)
     train.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    train.add_argument("--force", action="store_true",
+                       help="with --resume: resume a FINISHED run too (it is evaluated again and logs a second model)")
     _add_seeds(train)
     train.set_defaults(handler=_train)
 
@@ -365,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="touching objects with instance ids (instancesTr/, manifest column 'instances')")
     synth.add_argument("--hard-group", help="make one group harder, e.g. sex=F or site=B:0.5 (severity)")
     synth.add_argument("--cases-per-subject", type=int, default=1)
+    synth.add_argument("--force", action="store_true", help="replace the files of an existing cohort in --out")
     synth.set_defaults(handler=_data_synth)
     return parser
 
@@ -378,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (ConfigError, DataError, ValueError) as error:
+        from medseg_lightning.data.check import DataCheckError
+
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, DataCheckError) else 2  # the README's codes: 1 data problems, 2 config/arguments
 
 
 

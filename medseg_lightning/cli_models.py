@@ -18,13 +18,24 @@ def _predict(args: argparse.Namespace) -> int:
 
     from medseg_lightning import tracking
     from medseg_lightning.evaluate import load_model
-    from medseg_lightning.predict import Predictor, discover_inputs, predict_case
+    from medseg_lightning.predict import Predictor, discover_inputs, output_paths, predict_case
 
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder; give a folder for the masks")
     root = tracking.project_root(Path.cwd())
     predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
                           largest_component=args.largest_component, batch_size=args.batch_size,
                           device=args.device, min_score=args.min_score)
     cases = discover_inputs(args.inputs, predictor.modalities)
+    planned = [path for case in cases
+               for path in output_paths(case, args.out, overlay=args.overlay, instance=predictor.instance)]
+    existing = [path for path in planned if path.exists() or path.is_symlink()]
+    if existing and not args.force:  # before anything is written: a user's files are never replaced unasked
+        what = (f"{existing[0]} and {len(existing) - 1} more output(s) of this command exist" if len(existing) > 1
+                else f"{existing[0]} exists")
+        print(f"error: {what}; use --force to replace {'them' if len(existing) > 1 else 'it'}, or choose another "
+              "--out", file=sys.stderr)
+        return 1
     failed = 0
     for case in tqdm(cases, desc="segmenting", unit="case", disable=len(cases) < 2):
         try:
@@ -57,13 +68,19 @@ def _promote(args: argparse.Namespace) -> int:
         print("note: gates on test metrics the run did not log: a run trained with trainer.evaluate_test: false "
               "(every sweep trial is) never looked at test. Train the chosen configuration once with medseg train "
               "(a sweep's best_config.yaml artifact) and promote that run, or gate on --split val", file=sys.stderr)
+    if result.version is None and result.no_gates:
+        print("error: promotion refused: no gate was set (the run's config has no promotion: gates and none were "
+              "given); add gates such as --min-dice 0.8 --min-cases 30, or register unchecked with --force REASON",
+              file=sys.stderr)
+        return 1
     if result.version is None:
         print(f"error: promotion refused: {sum(not g.passed for g in result.gates)} gate(s) failed; fix the model, "
               "or override with --force REASON", file=sys.stderr)
         return 1
     alias = f" as @{args.alias}" if args.alias else ""
     moved = f"; version {result.moved_from} is now @{_previous(args.alias)}" if result.moved_from else ""
-    forced = " (FORCED: gates failed; reason recorded)" if result.forced else ""
+    why = "no gate was set" if result.no_gates else "gates failed"
+    forced = f" (FORCED: {why}; reason recorded)" if result.forced else ""
     print(f"registered {args.name} version {result.version}{alias}{forced}{moved}: models:/{args.name}/"
           f"{result.version}")
     return 0
@@ -108,6 +125,11 @@ def _export(args: argparse.Namespace) -> int:
     from medseg_lightning.evaluate import load_model
     from medseg_lightning.export import export_onnx
 
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; give the .onnx file to write")
+    if (args.out.exists() or args.out.is_symlink()) and not args.force:
+        print(f"error: {args.out} exists; use --force to replace it", file=sys.stderr)
+        return 1
     bundle = load_model(args.model, tracking.project_root(Path.cwd()))
     size = tuple(args.image_size) if args.image_size else None
     path = export_onnx(bundle, args.out, opset=args.opset, image_size=size)
@@ -128,6 +150,8 @@ def add_model_commands(verbs: Any) -> None:
     predict.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
                          help="keep only the largest connected component per class, or not (default: the model's)")
     predict.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
+    predict.add_argument("--force", action="store_true",
+                         help="replace files in --out that this command writes (other files are never touched)")
     predict.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     predict.add_argument("--min-score", type=float,
@@ -160,6 +184,7 @@ def add_model_commands(verbs: Any) -> None:
     export.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID or a saved model folder")
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                         help="input height and width (default: the model's target size, else 64 64)")

@@ -100,7 +100,12 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw_value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.loader.batch_size=8")
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError as error:  # values are YAML: a typo must name the option, not raise a parser trace
+            problem = " ".join(str(getattr(error, "problem", None) or type(error).__name__).split())
+            raise ConfigError(f"--set {item!r}: {key.strip()}: not valid YAML ({problem}); close the brackets, or "
+                              "quote the value as a string") from None
         node = result
         *parents, leaf = key.strip().split(".")
         for part in parents:

@@ -15,10 +15,17 @@ import numpy as np
 import pandas as pd
 
 from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.data.io import Volume, strip_suffix
+from medseg_lightning.data.io import Volume
 from medseg_lightning.instance_inference import OBJECT_COLUMNS, object_table, semantic_labels
 from medseg_lightning.instance_metrics import Objects
-from medseg_lightning.predict import PredictInput, atomic_nifti, atomic_png, atomic_write, to_reference_orientation
+from medseg_lightning.predict import (
+    PredictInput,
+    atomic_nifti,
+    atomic_png,
+    atomic_write,
+    slice_output_stems,
+    to_reference_orientation,
+)
 
 
 def write_objects(objects: Objects, case: PredictInput, volume: Volume, reference: nib.Nifti1Image | None,
@@ -26,7 +33,7 @@ def write_objects(objects: Objects, case: PredictInput, volume: Volume, referenc
     """Writes the instance map and the object table; returns the map's path and the merged label map."""
     ids = objects.ids.astype(np.uint16)
     if case.kind == "slices":
-        path = _write_slice_maps(ids, case.paths[0], out_dir)
+        path = _write_slice_maps(ids, case, out_dir)
     elif reference is None:
         path = out_dir / f"{case.name}.png"
         atomic_png(ids[:, :, 0], path, np.uint16)
@@ -42,11 +49,11 @@ def write_objects(objects: Objects, case: PredictInput, volume: Volume, referenc
     return path, semantic_labels(objects)
 
 
-def _write_slice_maps(ids: np.ndarray, folder: Path, out_dir: Path) -> Path:
+def _write_slice_maps(ids: np.ndarray, case: PredictInput, out_dir: Path) -> Path:
     """One ``<slice stem>_instances.png`` (16-bit object ids) per input slice."""
     from medseg_lightning.data.slices import slice_files
 
-    images, _ = slice_files(folder)
-    for index, number in enumerate(sorted(images)):
-        atomic_png(ids[:, :, index], out_dir / f"{strip_suffix(images[number].name)}_instances.png", np.uint16)
-    return out_dir / f"{strip_suffix(images[min(images)].name)}_instances.png"
+    stems = slice_output_stems(case, slice_files(case.paths[0])[0])
+    for index, stem in enumerate(stems):
+        atomic_png(ids[:, :, index], out_dir / f"{stem}_instances.png", np.uint16)
+    return out_dir / f"{stems[0]}_instances.png"

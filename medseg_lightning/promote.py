@@ -81,6 +81,7 @@ class PromotionResult:
     forced: bool
     run_id: str
     moved_from: str | None = None
+    no_gates: bool = False  # neither the run's config nor the command line set a gate: nothing was checked
 
 
 def promote_run(run_id: str, name: str, alias: str | None, gate_overrides: dict[str, object],
@@ -104,9 +105,10 @@ def promote_run(run_id: str, name: str, alias: str | None, gate_overrides: dict[
     configured = ExperimentConfig.model_validate(yaml.safe_load(config_text)).promotion if config_text else \
         PromotionConfig()
     gates = evaluate_gates(run.data.metrics, merge_gates(configured, gate_overrides))
-    passed = all(gate.passed for gate in gates)
+    # no gate is no evidence: a model nobody checked needs a recorded reason, like one that failed its gates
+    passed = bool(gates) and all(gate.passed for gate in gates)
     result = PromotionResult(name=name, version=None, gates=gates, forced=not passed and bool(force_reason),
-                             run_id=run_id)
+                             run_id=run_id, no_gates=not gates)
     if not passed and not force_reason:
         return result
     tags = {key: value for key, value in {

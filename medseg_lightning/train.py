@@ -57,21 +57,46 @@ class RunResult:
     test_held_back: int = 0  # test cases not evaluated (trainer.evaluate_test: false)
 
 
-def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | None = None) -> RunResult:
+def run(config: ExperimentConfig, *, root: Path | None = None, resume: str | None = None,
+        resume_finished: bool = False) -> RunResult:
     """Trains and evaluates one experiment, tracked in MLflow.
 
     Args:
         root: project folder whose ``mlruns/`` holds the default store and checkpoints (default: found from cwd).
         resume: an MLflow run id to continue from its last checkpoint.
+        resume_finished: allow ``resume`` to reopen a FINISHED run (``--force``), which then gets a second
+            evaluation and model; without it only a FAILED, KILLED or RUNNING run is resumed.
     """
     with tracking.restoring_store_env():
-        return _run(config, root, resume)
+        return _run(config, root, resume, resume_finished)
 
 
-def _run(config: ExperimentConfig, root: Path | None, resume: str | None) -> RunResult:
+def check_resumable(config: ExperimentConfig, root: Path, run_id: str, resume_finished: bool = False) -> None:
+    """Refuses to resume a FINISHED run unless asked: it would be evaluated again and log a second model over the
+    results its users already read (and may have registered); checked before any data is read.
+
+    Raises:
+        ValueError: no such run, or a finished one without ``resume_finished``.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = tracking.resolve_store(config, root)
+    try:
+        status = MlflowClient(uri).get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"--resume {run_id}: no such MLflow run in {uri}") from None
+    if status == "FINISHED" and not resume_finished:
+        raise ValueError(f"--resume {run_id}: the run is FINISHED; resuming would evaluate it again and log a second "
+                         "model into it. Train a new run (without --resume), or pass --force to resume it anyway")
+
+
+def _run(config: ExperimentConfig, root: Path | None, resume: str | None, resume_finished: bool = False) -> RunResult:
     started = time.perf_counter()
     _quiet_library_chatter()
     root = root or tracking.project_root(Path.cwd())
+    if resume and tracking.is_global_zero():  # DDP ranks > 0 attach to the run rank 0 has just reopened
+        check_resumable(config, root, resume, resume_finished)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")  # checks every case first: bad data fails here, before any model is built

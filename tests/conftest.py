@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every test gets its own preprocessing cache, so tests never see each other's entries."""
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(cache))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri in a test sets it
     monkeypatch.delenv("MEDSEG_RUN_ID", raising=False)
-    return cache
+    yield cache
+    # monkeypatch only restores what it changed: a store a test selected would otherwise reach the module-scoped
+    # fixtures of the next test file, which are set up before this fixture runs again
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

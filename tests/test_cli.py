@@ -49,10 +49,10 @@ def test_registry_suggests_close_names() -> None:
 
 
 def test_ui_starts_mlflow_on_the_project_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess as subprocess_module
+    from medseg_lightning import launch
 
-    calls: list[list[str]] = []
-    monkeypatch.setattr(subprocess_module, "call", lambda command: calls.append(command) or 0)
+    calls: list[list[str]] = []  # the server itself is started by tests/test_ui.py; here only its command line
+    monkeypatch.setattr(launch, "run_process_group", lambda command: calls.append(command) or 0)
     (tmp_path / "mlruns").mkdir()
     monkeypatch.chdir(tmp_path)
     assert main(["ui", "--port", "5123"]) == 0

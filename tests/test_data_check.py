@@ -100,4 +100,4 @@ def test_good_data_passes(cohort: Path, make_experiment, capsys) -> None:
 def test_hippocampus_experiment_passes(data_root: Path, capsys) -> None:
     repo = Path(__file__).resolve().parents[1]
     assert main(["data", "check", str(repo / "experiments" / "hippocampus_unet.yaml")]) == 0
-    assert "200 valid case(s) (train 160, val 40, test 0); OK" in capsys.readouterr().out
+    assert "200 valid case(s) (train 128, val 32, test 40); OK" in capsys.readouterr().out

@@ -120,7 +120,7 @@ def test_resume_continues_the_same_run(tiny_experiment: Path, tmp_path: Path) ->
     first = run(load_config(tiny_experiment, [*TINY, "trainer.max_epochs=1", "tracking.log_model=false"]),
                 root=tmp_path)
     resumed = run(load_config(tiny_experiment, [*TINY, "trainer.max_epochs=2", "tracking.log_model=false"]),
-                  root=tmp_path, resume=first.run_id)
+                  root=tmp_path, resume=first.run_id, resume_finished=True)
     assert resumed.run_id == first.run_id
     history = MlflowClient(first.tracking_uri).get_metric_history(first.run_id, "train/loss_epoch")
     assert len(history) == 2  # epoch 0 in the first call, epoch 1 (only) after resuming, in the same run

@@ -74,7 +74,9 @@ def prepare_dataset(config: DataConfig, cache_dir: Path | None = None, workers: 
     prepared = [case for case, _ in outcomes if case is not None]
     problems += [problem for _, case_problems in outcomes for problem in case_problems]
     problems += _consistency(prepared, config)
-    fingerprint = dataset_fingerprint(prepared, cache.settings, config) if prepared else {}
+    # statistics per channel need one channel count; a dataset that has several is refused anyway
+    consistent = len({case.image.shape[1] for case in prepared}) == 1
+    fingerprint = dataset_fingerprint(prepared, cache.settings, config) if prepared and consistent else {}
     content = {case.case.case_id: cache.content_key(case.case) for case in prepared}  # digests are memoised
     return PreparedDataset(prepared, splits, fingerprint, problems, content)
 
@@ -89,12 +91,20 @@ def _consistency(prepared: list[PreparedCase], config: DataConfig) -> list[Probl
     problems = []
     if not prepared:
         return problems
-    reference = prepared[0]
-    for item in prepared[1:]:
-        if item.image.shape[1] != reference.image.shape[1]:
+    # the most common count is the dataset's, so one odd case (a 4D file among 3D ones) gets one line, even first
+    counts = Counter(item.image.shape[1] for item in prepared)
+    expected = counts.most_common(1)[0][0]  # ties: the count seen first
+    reference = next(item for item in prepared if item.image.shape[1] == expected)
+    for item in prepared:
+        channels = item.image.shape[1]
+        if channels != expected:
+            files = item.case.image_paths
+            source = (f"a 4D image with {channels} volumes" if len(files) == 1 and channels > 1
+                      else f"{len(files)} image file(s)")
             problems.append(Problem(
-                f"{item.image.shape[1]} channel(s), but case {reference.case.case_id} has {reference.image.shape[1]}",
-                item.case.case_id, str(item.case.image_paths[0])))
+                f"{channels} channel(s) ({source}), but most cases have {expected} (e.g. case "
+                f"{reference.case.case_id})",
+                item.case.case_id, str(files[0])))
     sizes = Counter(tuple(item.image.shape[2:]) for item in prepared)
     if config.preprocessing.target_size is None and len(sizes) > 1:
         shown = ", ".join(f"{size} x{count}" for size, count in sizes.most_common(4))

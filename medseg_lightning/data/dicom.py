@@ -14,7 +14,7 @@ NIfTI axis, as in a NIfTI file, and ``x``/``y`` of a slice viewed as an image st
 
 DICOM patient coordinates are LPS; the affine is ``diag(-1, -1, 1, 1) @ affine_lps`` so that it maps voxel indices
 to RAS millimetres like a NIfTI affine. Messages never contain patient identifiers: slices are named by file name
-and series by description, number and file count.
+and series by number, a file name and file count (never by description or UID).
 """
 
 from __future__ import annotations
@@ -136,19 +136,16 @@ def _check_single_series(folder: Path, slices: list[_Slice]) -> None:
         return
     labels = []
     for uid, count in counts.most_common():
-        first = next(item.dataset for item in slices if str(item.dataset.get("SeriesInstanceUID", "")) == uid)
-        labels.append(f"{_series_label(first, uid)}: {count} files")
+        first = next(item for item in slices if str(item.dataset.get("SeriesInstanceUID", "")) == uid)
+        labels.append(f"{_series_label(first)}: {count} files, e.g. {first.name}")
     raise DataError(f"{folder}: holds {len(counts)} DICOM series, expected one ({'; '.join(labels)})")
 
 
-def _series_label(dataset: Dataset, uid: str) -> str:
-    """Description and number when present; the UID only when nothing friendlier identifies the series."""
-    parts = []
-    if dataset.get("SeriesDescription"):
-        parts.append(f"'{dataset.SeriesDescription}'")
-    if not _is_empty(dataset.get("SeriesNumber")):
-        parts.append(f"series number {dataset.SeriesNumber}")
-    return " ".join(parts) if parts else f"series UID {uid or '(missing)'}"
+def _series_label(item: _Slice) -> str:
+    """The series number, never its description or UIDs: free-text descriptions often
+    carry names or dates, and de-identification profiles remove both (DICOM PS3.15, Annex E)."""
+    number = item.dataset.get("SeriesNumber")
+    return "unnumbered series" if _is_empty(number) else f"series number {number}"
 
 
 def _common_geometry(folder: Path, slices: list[_Slice]) -> _Geometry:

@@ -16,6 +16,9 @@ from medseg_lightning.data.cache import CACHE_VERSION, PreparedCase
 
 def dataset_fingerprint(cases: list[PreparedCase], settings: str, config: DataConfig) -> dict[str, Any]:
     """Hash over the sorted case digests and settings, with spacing, shape, intensity and label statistics."""
+    channels = sorted({int(case.image.shape[1]) for case in cases})
+    if len(channels) > 1:  # per-channel statistics would pair unrelated channels
+        raise ValueError(f"cannot fingerprint cases with different channel counts {channels}; run medseg data check")
     keys = sorted(case.meta["key"] for case in cases)
     digest = hashlib.sha256("|".join([settings, *keys]).encode()).hexdigest()
     spacings = np.array([case.meta["spacing"] for case in cases], dtype=float)

@@ -86,10 +86,29 @@ def nifti_volume(image: nib.Nifti1Image, label: str) -> Volume:
     """A nibabel image (a NIfTI file, or a converted DICOM series) as a canonically oriented volume."""
     if len(image.shape) not in (3, 4):
         raise DataError(f"{label}: expected a 3D or 4D NIfTI volume, got shape {image.shape}")
+    check_affine(image.affine, label)
     image = nib.as_closest_canonical(image)
     array = np.asanyarray(image.dataobj)
     zooms = image.header.get_zooms()[:3]
     return Volume(array=array, affine=image.affine.copy(), spacing=tuple(float(z) for z in zooms))
+
+
+def check_affine(affine: np.ndarray, label: str) -> None:
+    """A voxel-to-world matrix that cannot be inverted places voxels on a plane or line: reorientation, spacing
+    and every distance in mm would be meaningless, so it is refused with a line that says so.
+
+    Raises:
+        DataError: the affine has non-finite entries or no inverse.
+    """
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise DataError(f"{label}: the affine (voxel-to-world matrix) has NaN/Inf entries; fix the header's "
+                        "sform/qform")
+    scale = float(np.abs(linear).max())
+    if scale == 0 or abs(float(np.linalg.det(linear))) <= 1e-12 * scale**3:
+        zooms = ", ".join(f"{value:.4g}" for value in np.linalg.norm(linear, axis=0))
+        raise DataError(f"{label}: the affine (voxel-to-world matrix) is not invertible (determinant 0, column "
+                        f"lengths {zooms}); fix the header's sform/qform")
 
 
 def _read_2d(path: Path) -> Volume:

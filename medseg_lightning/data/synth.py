@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["HardGroup", "generate_cohort", "parse_hard_group"]
+__all__ = ["HardGroup", "cohort_files", "generate_cohort", "parse_hard_group"]
 
 MANIFEST_COLUMNS = ("case_id", "image", "mask", "subject_id", "sex", "age", "site")
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"sex": ("F", "M"), "site": ("A", "B", "C")}
@@ -229,6 +229,14 @@ def _write_manifest(path: Path, rows: list[dict[str, str | int]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def cohort_files(out_dir: Path, n_cases: int, instances: bool = False) -> list[Path]:
+    """Every file ``generate_cohort`` (``instances``: ``generate_instance_cohort``) writes into ``out_dir``, so a
+    caller can refuse to replace a user's dataset before anything is written."""
+    folders = ("imagesTr", "labelsTr", *(("instancesTr",) if instances else ()))
+    return [Path(out_dir) / "manifest.csv",
+            *(Path(out_dir) / folder / f"synth_{i:03d}.nii.gz" for folder in folders for i in range(n_cases))]
 
 
 def generate_cohort(out_dir: Path, n_cases: int, *, seed: int = 0, shape: tuple[int, int, int] = (48, 48, 32),

@@ -150,6 +150,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     sweep: SweepConfig = load_config(path, overrides or [], schema=SweepConfig)
     if sweep.name is None:
         sweep = sweep.model_copy(update={"name": path.stem})
+    conflicts = resource_conflicts(sweep)
+    if conflicts:
+        raise ConfigError("\n".join(f"{path}: {problem}" for problem in conflicts))
     experiment = load_config(sweep.experiment, fixed_overrides(sweep))
     problems = []
     for name, param in sweep.space.items():
@@ -167,6 +170,41 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
 def fixed_overrides(sweep: SweepConfig) -> list[str]:
     """The sweep's fixed ``overrides`` as ``--set`` arguments."""
     return [override(name, value) for name, value in sweep.overrides.items()]
+
+
+def resource_conflicts(sweep: SweepConfig) -> list[str]:
+    """Trainer settings in ``overrides`` or ``space`` that the trial's ``resources`` replace: every trial gets
+    ``resources.devices`` (and the accelerator and strategy when set), so the sweep's own value would be silently
+    ignored; one line per conflict, naming the resources key to set instead."""
+    resources = sweep.resources
+    replaced = {"trainer.devices": ("resources.devices", resources.devices, True),
+                "trainer.accelerator": ("resources.accelerator", resources.accelerator,
+                                        resources.accelerator is not None),
+                "trainer.strategy": ("resources.strategy", resources.strategy or "ddp",
+                                     resources.strategy is not None or resources.devices > 1)}
+    problems = []
+    fixed = _dotted(sweep.overrides)
+    for key, (resource, value, applies) in replaced.items():
+        if not applies:
+            continue
+        if key in fixed:
+            problems.append(f"overrides: {key} ({fixed[key]!r}) would be replaced in every trial by {resource} "
+                            f"({value!r}); set {resource} instead (e.g. --set {resource}={fixed[key]})")
+        if key in sweep.space:
+            problems.append(f"space: {key} cannot be searched: every trial takes it from {resource} ({value!r})")
+    return problems
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{trainer: {devices: 2}}`` and ``{trainer.devices: 2}`` both as ``{"trainer.devices": 2}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 

@@ -11,9 +11,10 @@ from typing import Any, NoReturn
 
 import optuna
 
+from medseg_lightning.config import ConfigError
 from medseg_lightning.config_schema import ExperimentConfig
 from medseg_lightning.launch import DevicePool, failure_reason, launch, medseg_command, set_options
-from medseg_lightning.sweep.config import SweepConfig, fixed_overrides, override
+from medseg_lightning.sweep.config import SweepConfig, fixed_overrides, override, resource_conflicts
 from medseg_lightning.sweep.study import REASON_ATTR, RUN_ATTR, SURPLUS_ATTR, is_surplus, max_epochs, suggest
 from medseg_lightning.sweep.trial import TRIAL_ENV, TrialLink
 
@@ -78,6 +79,9 @@ def run_trial(context: SweepContext, trial: optuna.Trial) -> list[float]:
 
 def trial_overrides(context: SweepContext, number: int, params: dict[str, Any]) -> list[str]:
     """Fixed overrides, the trial's parameters, its resources and the MLflow nesting, as ``--set`` items."""
+    conflicts = resource_conflicts(context.sweep)  # load_sweep refuses these; a sweep built otherwise too
+    if conflicts:
+        raise ConfigError(conflicts[0])
     resources = context.sweep.resources
     # trials are chosen between on validation, so they never look at test (the sweep's overrides may say otherwise)
     items = [override("trainer.evaluate_test", False), *fixed_overrides(context.sweep),
