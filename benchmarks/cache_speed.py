@@ -36,7 +36,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from medseg_lightning.config import ConfigError, load_config
-from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.check import DataCheckError
 from medseg_lightning.data.datamodule import SegmentationDataModule
 

@@ -36,8 +36,8 @@ from medseg_lightning.config import load_config
 from medseg_lightning.data.cache import preprocess_case
 from medseg_lightning.data.io import Volume, read_image
 from medseg_lightning.data.preprocess import normalize_intensity, restore_volume, to_slices
-from medseg_lightning.model_io import ModelBundle, build_network
-from medseg_lightning.predict import Predictor
+from medseg_lightning.inference.bundle import ModelBundle, build_network
+from medseg_lightning.inference.predict import Predictor
 
 
 def naive(bundle: ModelBundle) -> Callable[[Volume], np.ndarray]:
@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.experiment)
     if args.model:
-        from medseg_lightning.evaluate import load_model
+        from medseg_lightning.evaluation.evaluate import load_model
 
         bundle = load_model(args.model, Path.cwd())
     else:

@@ -30,11 +30,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch.utils.data import DataLoader
 
 from medseg_lightning.config import load_config
-from medseg_lightning.config_schema import ExperimentConfig
+from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
-from medseg_lightning.lit_module import SegmentationModule
-from medseg_lightning.losses import create_loss
-from medseg_lightning.model_io import build_network
+from medseg_lightning.inference.bundle import build_network
+from medseg_lightning.training.losses import create_loss
+from medseg_lightning.training.segmentation_module import SegmentationModule
 
 WARMUP = 5
 

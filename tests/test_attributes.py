@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg_lightning.config_schema import AttributesConfig
+from medseg_lightning.config.schema import AttributesConfig
 from medseg_lightning.data.attributes import apply_attributes
 from medseg_lightning.data.manifest import Case
 

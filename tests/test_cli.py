@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from medseg_lightning.cli import main
-from medseg_lightning.registry import Registry
+from medseg_lightning.config.registry import Registry
 
 
 def test_help_lists_the_commands() -> None:
@@ -49,7 +49,7 @@ def test_registry_suggests_close_names() -> None:
 
 
 def test_ui_starts_mlflow_on_the_project_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from medseg_lightning import launch
+    from medseg_lightning.studies import launch
 
     calls: list[list[str]] = []  # the server itself is started by tests/test_ui.py; here only its command line
     monkeypatch.setattr(launch, "run_process_group", lambda command: calls.append(command) or 0)

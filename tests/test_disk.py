@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.train import run
+from medseg_lightning.training.train import run
 
 QUICK = ["trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0", "trainer.log_every_n_steps=1"]
 

@@ -12,8 +12,8 @@ import yaml
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.model_io import EnsembleNetwork, build_network, load_bundle, save_bundle, save_ensemble
-from medseg_lightning.predict import Predictor
+from medseg_lightning.inference.bundle import EnsembleNetwork, build_network, load_bundle, save_bundle, save_ensemble
+from medseg_lightning.inference.predict import Predictor
 
 
 def _config(tmp_path: Path, cohort: Path, **changes: object):

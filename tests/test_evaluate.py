@@ -11,10 +11,10 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.evaluate import run_evaluation
-from medseg_lightning.model_io import save_bundle
+from medseg_lightning.evaluation.evaluate import run_evaluation
+from medseg_lightning.inference.bundle import save_bundle
 from medseg_lightning.tracking import load_logged_bundle
-from medseg_lightning.train import RunResult, run
+from medseg_lightning.training.train import RunResult, run
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=2", "tracking.log_overlays=0"]
 AUDIT = ["fairness.attributes=[sex, age, ethnicity]", "fairness.bins={age: [0, 50, 120]}",

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from medseg_lightning import __version__
-from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.export import export_onnx, read_onnx_metadata
-from medseg_lightning.model_io import ModelBundle
+from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.inference.bundle import ModelBundle
+from medseg_lightning.inference.export import export_onnx, read_onnx_metadata
 from medseg_lightning.models import ARCHITECTURES, create_model
 
 ort = pytest.importorskip("onnxruntime")

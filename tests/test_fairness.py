@@ -11,10 +11,17 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from medseg_lightning.config_schema import FairnessConfig
+from medseg_lightning.config.schema import FairnessConfig
 from medseg_lightning.data.synth import HardGroup, generate_cohort
-from medseg_lightning.fairness import audit, fairness_metrics, fairness_report, group_counts, group_labels, group_table
-from medseg_lightning.metrics import case_metrics
+from medseg_lightning.evaluation.fairness import (
+    audit,
+    fairness_metrics,
+    fairness_report,
+    group_counts,
+    group_labels,
+    group_table,
+)
+from medseg_lightning.evaluation.metrics import case_metrics
 
 AUDIT = FairnessConfig(attributes=["sex", "age", "site"], bins={"age": [0, 40, 60, 120]})
 

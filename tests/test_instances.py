@@ -15,10 +15,10 @@ from medseg_lightning.cli import main
 from medseg_lightning.config import ConfigError, load_config
 from medseg_lightning.data.instances import box_sides, components, drop_small, object_classes
 from medseg_lightning.data.synth_instances import generate_instance_cohort, touching_pairs
-from medseg_lightning.instance_inference import link_slices, objects_from_detections, paint_slices
-from medseg_lightning.instance_metrics import MaskAP, Objects, panoptic
-from medseg_lightning.lit_instance import slice_targets
+from medseg_lightning.evaluation.instance_metrics import MaskAP, Objects, panoptic
+from medseg_lightning.inference.detections import link_slices, objects_from_detections, paint_slices
 from medseg_lightning.models.mask_rcnn import anchor_sizes_for, create_mask_rcnn
+from medseg_lightning.training.instance_module import slice_targets
 
 
 def test_components_drop_small_and_majority_classes() -> None:
@@ -220,9 +220,9 @@ def test_data_check_names_bad_instance_maps(tmp_path: Path, capsys: pytest.Captu
 def test_connected_components_of_a_perfect_label_map_merge_touching_objects(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reason for Mask R-CNN: even a perfect semantic map loses the objects that touch."""
-    from medseg_lightning import lit_instance
     from medseg_lightning.data.datamodule import SegmentationDataModule
     from medseg_lightning.data.dataset import CaseDataset
+    from medseg_lightning.evaluation import instance_scoring
 
     generate_instance_cohort(tmp_path / "cohort", 6, seed=5, shape=(48, 48, 4))
     experiment = tmp_path / "exp.yaml"
@@ -236,8 +236,8 @@ def test_connected_components_of_a_perfect_label_map_merge_touching_objects(
     datamodule.setup()
     items = list(CaseDataset(datamodule.dataset.cases))
     truth = iter([item["mask"].numpy().astype(np.uint8) for item in items])
-    monkeypatch.setattr(lit_instance, "predict_labels", lambda *args: next(truth))  # the true label map
-    report = lit_instance.evaluate_instance_cases(torch.nn.Identity(), items, "test", config)
+    monkeypatch.setattr(instance_scoring, "predict_labels", lambda *args: next(truth))  # the true label map
+    report = instance_scoring.evaluate_instance_cases(torch.nn.Identity(), items, "test", config)
     assert report.summary["dice/mean"] == 1.0
     assert report.summary["instance/count_error"] < 0  # objects that touch came out as one
     assert report.summary["instance/pq"] < 0.9 and report.summary["instance/ap"] < 0.9
@@ -247,7 +247,7 @@ def test_transfer_weights_load_into_the_mask_rcnn_encoder(tmp_path: Path) -> Non
     from safetensors.torch import save_file
 
     from medseg_lightning.models import create_model
-    from medseg_lightning.transfer import load_pretrained
+    from medseg_lightning.training.transfer import load_pretrained
 
     torch.manual_seed(1)
     semantic = create_model("unet", "test_resnet", 1, 2)  # e.g. a U-Net trained earlier on the same scans

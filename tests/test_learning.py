@@ -21,14 +21,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medseg_lightning.config_schema import OptimizerConfig
-from medseg_lightning.instance_inference import detect_slices, paint_slices
-from medseg_lightning.instance_metrics import Objects, panoptic
-from medseg_lightning.lit_instance import InstanceModule
-from medseg_lightning.lit_module import SegmentationModule
-from medseg_lightning.losses import create_loss
+from medseg_lightning.config.schema import OptimizerConfig
+from medseg_lightning.evaluation.instance_metrics import Objects, panoptic
+from medseg_lightning.inference.detections import detect_slices, paint_slices
 from medseg_lightning.models import ARCHITECTURES, create_model
 from medseg_lightning.models.mask_rcnn import anchor_sizes_for, create_mask_rcnn, object_box_side
+from medseg_lightning.training.instance_module import InstanceModule
+from medseg_lightning.training.losses import create_loss
+from medseg_lightning.training.segmentation_module import SegmentationModule
 
 LABELS = {0: "background", 1: "disk"}
 # Measured over seeds 0-7 (``train_semantic(arch, seed)``, ``train_mask_rcnn(seed)``), held-out Dice after 60

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medseg_lightning.config_schema import OptimizerConfig
-from medseg_lightning.lit_module import SegmentationModule, _parameter_groups, _schedule
-from medseg_lightning.losses import create_loss
+from medseg_lightning.config.schema import OptimizerConfig
 from medseg_lightning.models import create_model
+from medseg_lightning.training.losses import create_loss
+from medseg_lightning.training.segmentation_module import SegmentationModule, _parameter_groups, _schedule
 
 
 def test_schedules_with_warmup() -> None:

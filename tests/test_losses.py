@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg_lightning.losses import LOSSES, create_loss
+from medseg_lightning.training.losses import LOSSES, create_loss
 
 
 def _batch(num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
 from medseg_lightning.data.synth_instances import generate_instance_cohort
-from medseg_lightning.train import RunResult, run
+from medseg_lightning.training.train import RunResult, run
 
 FAST = ["trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0", "fairness.n_bootstrap=200"]
 

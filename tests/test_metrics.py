@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medseg_lightning.metrics import SliceMetrics, aggregate, case_metrics, name_metrics
+from medseg_lightning.evaluation.metrics import SliceMetrics, aggregate, case_metrics, name_metrics
 
 ANISOTROPIC = (1.0, 1.0, 3.0)
 

@@ -10,7 +10,7 @@ import yaml
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.train import run
+from medseg_lightning.training.train import run
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0"]
 
@@ -59,7 +59,7 @@ def test_a_tampered_model_file_is_not_run_by_predict_evaluate_or_export(logged: 
 
 def test_a_model_saved_by_a_newer_format_is_refused_with_advice(logged: tuple[Path, Path, str],
                                                                 tmp_path: Path) -> None:
-    from medseg_lightning.model_io import SPEC_FILE, load_bundle
+    from medseg_lightning.inference.bundle import SPEC_FILE, load_bundle
 
     root, _, _ = logged
     bundle = _model_folder(root) / "artifacts" / "bundle"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from medseg_lightning.config_schema import ExperimentConfig, FairnessConfig
-from medseg_lightning.modelcard import SECTIONS, CardInputs, build_card, fmt_estimate, generated_caveats
-from medseg_lightning.modelcard_render import (
+from medseg_lightning.config.schema import ExperimentConfig, FairnessConfig
+from medseg_lightning.reporting.model_card import SECTIONS, CardInputs, build_card, fmt_estimate, generated_caveats
+from medseg_lightning.reporting.model_card_render import (
     DESCRIPTION_LIMIT,
     render_html,
     render_markdown,

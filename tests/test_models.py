@@ -197,7 +197,7 @@ def test_pretrained_with_offline_hub_and_empty_cache_fails_fast(
 @pytest.mark.parametrize("arch", ARCHITECTURES.names())
 def test_the_inference_copy_computes_the_same_logits(arch: str, encoder: str) -> None:
     """Folded BatchNorm and channels-last memory are speed only: same logits, original network untouched."""
-    from medseg_lightning.models.inference import prepare_for_inference
+    from medseg_lightning.inference.folding import prepare_for_inference
 
     model = create_model(arch, encoder, in_channels=2, num_classes=3)
     with torch.no_grad():  # BatchNorm statistics far from the identity, as after training

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.model_io import build_network, save_bundle
+from medseg_lightning.inference.bundle import build_network, save_bundle
 
 # Fake identifiers, each distinctive enough that a hit anywhere is a leak and not a coincidence.
 PHI = {

@@ -16,11 +16,11 @@ from medseg_lightning.config import load_config
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
 from medseg_lightning.data.preprocess import restore_volume
-from medseg_lightning.model_io import save_bundle
-from medseg_lightning.postprocess import keep_largest_components
-from medseg_lightning.scoring import predict_labels
+from medseg_lightning.evaluation.scoring import predict_labels
+from medseg_lightning.inference.bundle import save_bundle
+from medseg_lightning.inference.postprocess import keep_largest_components
 from medseg_lightning.tracking import load_logged_bundle
-from medseg_lightning.train import run
+from medseg_lightning.training.train import run
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0"]
 
@@ -154,7 +154,7 @@ def test_export_cli_writes_an_onnx_model_that_matches(model, tmp_path: Path) -> 
 
 def test_evaluation_scores_the_post_processed_prediction() -> None:
     """With ``inference.largest_component`` the reported Dice is that of the mask ``medseg predict`` writes."""
-    from medseg_lightning.scoring import score_case
+    from medseg_lightning.evaluation.scoring import score_case
 
     target = np.zeros((8, 8, 1), np.uint8)
     target[1:4, 1:4] = 1
@@ -204,9 +204,9 @@ def test_tta_averages_each_flip_put_back_in_place_and_the_ensemble() -> None:
     """``--tta`` predicts the slice and its left-right and top-bottom mirror images and must mirror each of those
     predictions back before averaging (and average over the ensemble's models too). The networks here are not
     flip-equivariant, so a missing un-flip, or one along the wrong axis, gives other probabilities."""
-    from medseg_lightning.config_schema import ExperimentConfig
-    from medseg_lightning.model_io import ModelBundle
-    from medseg_lightning.predict import Predictor
+    from medseg_lightning.config.schema import ExperimentConfig
+    from medseg_lightning.inference.bundle import ModelBundle
+    from medseg_lightning.inference.predict import Predictor
 
     config = ExperimentConfig(name="tta", data={"source": "unused", "labels": {0: "bg", 1: "left", 2: "low"}})
     nets = [(0.7, 0.4, 1.5), (-0.3, 0.9, -0.8)]

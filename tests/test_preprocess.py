@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg_lightning.config_schema import IntensityConfig
+from medseg_lightning.config.schema import IntensityConfig
 from medseg_lightning.data.dataset import stack_context
 from medseg_lightning.data.preprocess import fit_in_plane, normalize_intensity, restore_in_plane, to_slices
 

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.config_schema import PromotionConfig
-from medseg_lightning.promote import evaluate_gates
-from medseg_lightning.train import RunResult, run
+from medseg_lightning.config.schema import PromotionConfig
+from medseg_lightning.tracking.promotion import evaluate_gates
+from medseg_lightning.training.train import RunResult, run
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0",
         "fairness.attributes=[sex]", "fairness.min_group_size=2"]

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import ConfigError, load_config
-from medseg_lightning.protocol import configuration_hash, split_key
+from medseg_lightning.config.protocol import configuration_hash, split_key
 from medseg_lightning.sweep.config import load_sweep
-from medseg_lightning.train import run
+from medseg_lightning.training.train import run
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0",
         "trainer.log_every_n_steps=1"]

@@ -126,8 +126,8 @@ def test_predict_on_a_slice_folder_writes_one_mask_per_slice_in_source_values(sl
     import torch
     from PIL import Image
 
-    from medseg_lightning.config_schema import ExperimentConfig
-    from medseg_lightning.model_io import build_network, save_bundle
+    from medseg_lightning.config.schema import ExperimentConfig
+    from medseg_lightning.inference.bundle import build_network, save_bundle
 
     config = ExperimentConfig(name="slices", model={"encoder": "test_resnet"},
                               data={"source": slice_cohort, "labels": {0: "background", 1: "abnormality"},
@@ -153,8 +153,8 @@ def test_a_model_trained_on_the_small_copy_runs_on_full_resolution_slices(tmp_pa
     import torch
     from PIL import Image
 
-    from medseg_lightning.config_schema import ExperimentConfig
-    from medseg_lightning.model_io import build_network, save_bundle
+    from medseg_lightning.config.schema import ExperimentConfig
+    from medseg_lightning.inference.bundle import build_network, save_bundle
 
     case = "TCGA_EE_0005_20000505"
     folder = tmp_path / "original" / case

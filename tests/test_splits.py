@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg_lightning.config_schema import SplitConfig
+from medseg_lightning.config.schema import SplitConfig
 from medseg_lightning.data.manifest import Case, ManifestError
 from medseg_lightning.data.splits import assign_splits
 

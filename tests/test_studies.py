@@ -11,14 +11,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from pydantic import Field
 
-from medseg_lightning import studies
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.config_schema import ExperimentConfig, TrainerConfig
-from medseg_lightning.crosssite import eligible_groups, run_crosssite
-from medseg_lightning.crossval import CrossValResult, run_crossval
+from medseg_lightning.config.schema import ExperimentConfig, TrainerConfig
 from medseg_lightning.data.synth import generate_cohort
-from medseg_lightning.studies import Child, StudyError, config_hash
+from medseg_lightning.studies import children as studies
+from medseg_lightning.studies.children import Child, StudyError, config_hash
+from medseg_lightning.studies.crosssite import eligible_groups, run_crosssite
+from medseg_lightning.studies.crossval import CrossValResult, run_crossval
 from medseg_lightning.tracking.studies import ChildRuns
 
 FAST = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=1", "tracking.log_overlays=0",
@@ -315,8 +315,8 @@ def test_a_crossval_logs_its_fold_ensemble_which_is_promoted_and_predicts(projec
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from medseg_lightning.evaluate import load_model
-    from medseg_lightning.model_io import EnsembleNetwork
+    from medseg_lightning.evaluation.evaluate import load_model
+    from medseg_lightning.inference.bundle import EnsembleNetwork
 
     root, experiment = project
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(root / "cache"))

@@ -260,7 +260,7 @@ def test_workers_that_open_a_new_study_database_together_all_get_it(tmp_path: Pa
 
 
 def test_concurrent_trials_get_disjoint_gpu_sets(monkeypatch: pytest.MonkeyPatch) -> None:
-    from medseg_lightning import launch as runner  # the pool sweeps and studies share
+    from medseg_lightning.studies import launch as runner  # the pool sweeps and studies share
 
     monkeypatch.setattr(runner, "_gpu_count", lambda: 4)
     pool = runner.DevicePool(jobs=2, devices=2, accelerator="auto")

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from medseg_lightning.cli import main
 from medseg_lightning.config import load_config
-from medseg_lightning.model_io import build_network
-from medseg_lightning.train import RunResult, run
-from medseg_lightning.transfer import load_pretrained
+from medseg_lightning.inference.bundle import build_network
+from medseg_lightning.training.train import RunResult, run
+from medseg_lightning.training.transfer import load_pretrained
 
 TINY = ["model.encoder=test_resnet", "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
         "trainer.keep_checkpoints=both", "tracking.log_checkpoint=weights",
@@ -179,7 +179,7 @@ def test_bad_transfer_and_resume_arguments_fail_clearly(tiny_experiment: Path, t
 
 
 def test_precision_auto_takes_bfloat16_only_where_the_hardware_computes_in_it(monkeypatch) -> None:
-    from medseg_lightning.train import resolve_precision
+    from medseg_lightning.training.train import resolve_precision
 
     assert resolve_precision("16-mixed", "gpu") == "16-mixed"  # an explicit choice is kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medseg_lightning.config_schema import AugmentationConfig
+from medseg_lightning.config.schema import AugmentationConfig
 from medseg_lightning.data.transforms import PRESETS, build_augmentation
 
 

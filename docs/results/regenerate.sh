@@ -45,7 +45,7 @@ if [[ "${1:-}" == "--benchmarks" ]]; then
       printf '```text\n%s\n```\n' "$output" | "$PYTHON" -c '
 import sys
 from pathlib import Path
-from medseg_lightning.results import insert_between_markers
+from medseg_lightning.reporting.results import insert_between_markers
 file, _, block = sys.argv[1].partition(":")
 insert_between_markers(Path(file), block, sys.stdin.read())' "$target"
       echo "$target: benchmark output inserted"

@@ -11,7 +11,7 @@ import re
 
 import pandas as pd
 
-from medseg_lightning.config_schema import AttributesConfig
+from medseg_lightning.config.schema import AttributesConfig
 from medseg_lightning.data.manifest import Case
 from medseg_lightning.data.validate import Problem
 

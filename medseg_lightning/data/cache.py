@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.instances import instance_map
 from medseg_lightning.data.io import DataError, is_supported, read_image, read_mask
 from medseg_lightning.data.manifest import Case

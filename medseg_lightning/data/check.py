@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.attributes import apply_attributes
 from medseg_lightning.data.cache import PreparedCase, PreprocessCache, default_cache_dir
 from medseg_lightning.data.fingerprint import dataset_fingerprint

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.check import PreparedDataset, prepare_dataset
 from medseg_lightning.data.dataset import CaseDataset, ForegroundBalancedSampler, SliceDataset, collate_cases
 from medseg_lightning.data.transforms import build_augmentation

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.cache import CACHE_VERSION, PreparedCase
 
 

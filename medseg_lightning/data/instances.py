@@ -7,10 +7,12 @@ must stay apart (nuclei, nodules); the object's class is then the mask's label u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
-from medseg_lightning.config_schema import InstancesConfig
+from medseg_lightning.config.schema import InstancesConfig
 from medseg_lightning.data.io import DataError, read_mask
 from medseg_lightning.data.manifest import Case
 from medseg_lightning.data.validate import Problem
@@ -101,3 +103,28 @@ def box_sides(instance_slices: list[np.ndarray]) -> list[float]:
                 if box is not None:
                     sides.append(float(np.sqrt((box[0].stop - box[0].start) * (box[1].stop - box[1].start))))
     return sides
+
+
+@dataclass
+class Objects:
+    """An instance-label map (0 = nothing) and, indexed by id, each object's class and score."""
+
+    ids: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray | None = None
+    areas: np.ndarray | None = None  # voxels per id, where known (weights when joining detections)
+
+    @property
+    def count(self) -> int:
+        return len(self.classes) - 1
+
+
+def iou_matrix(pred: np.ndarray, true: np.ndarray, n_pred: int, n_true: int) -> np.ndarray:
+    """IoU of every predicted object (rows) with every true object (columns)."""
+    if n_pred == 0 or n_true == 0:
+        return np.zeros((n_pred, n_true))
+    joint = np.bincount(pred.ravel().astype(np.int64) * (n_true + 1) + true.ravel().astype(np.int64),
+                        minlength=(n_pred + 1) * (n_true + 1)).reshape(n_pred + 1, n_true + 1)
+    intersection = joint[1:, 1:].astype(np.float64)
+    union = joint[1:].sum(1)[:, None] + joint[:, 1:].sum(0)[None, :] - intersection
+    return intersection / np.maximum(union, 1)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from medseg_lightning.config.registry import Registry
 from medseg_lightning.data.io import IMAGE_2D_SUFFIXES, DataError, is_supported, strip_suffix
-from medseg_lightning.registry import Registry
 
 RESERVED_COLUMNS = ("case_id", "subject_id")
 UNKNOWN = "unknown"

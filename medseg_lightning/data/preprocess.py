@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg_lightning.config_schema import IntensityConfig
-from medseg_lightning.registry import Registry
+from medseg_lightning.config.registry import Registry
+from medseg_lightning.config.schema import IntensityConfig
 
 INTENSITY: Registry[Callable[[np.ndarray, IntensityConfig], np.ndarray]] = Registry("intensity method")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg_lightning.data.io import IMAGE_2D_SUFFIXES, DataError, strip_suffix
+from medseg_lightning.data.volume import IMAGE_2D_SUFFIXES, DataError, read_file, strip_suffix
 
 _SLICE = re.compile(r"^(?P<case>.+)_(?P<number>\d+)(?P<mask>_mask)?$")
 
@@ -56,15 +56,13 @@ def read_slice_stack(folder: Path, masks: bool = False) -> np.ndarray:
     Raises:
         DataError: a missing, unreadable or differently sized slice, naming the file.
     """
-    from medseg_lightning.data.io import read_volume
-
     images, mask_files = slice_files(folder)
     files = mask_files if masks else images
     if masks and not mask_files:
         raise DataError(f"{folder}: no mask slices (<case>_<number>_mask.tif)")
     arrays = []
     for number in sorted(files):
-        array = read_volume(files[number]).array  # (rows, cols, 1[, channels])
+        array = read_file(files[number]).array  # (rows, cols, 1[, channels])
         if arrays and array.shape != arrays[0].shape:
             raise DataError(f"{files[number]}: shape {array.shape[:2]} (channels {array.shape[3:] or (1,)}) differs "
                             f"from slice {min(files)}'s {arrays[0].shape[:2]}")

@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from medseg_lightning.config_schema import SplitConfig
+from medseg_lightning.config.schema import SplitConfig
 from medseg_lightning.data.manifest import Case, ManifestError
 
 SPLITS = ("train", "val", "test")

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import torch
 
-from medseg_lightning.config_schema import AugmentationConfig
-from medseg_lightning.registry import Registry, unknown_name_message
+from medseg_lightning.config.registry import Registry, unknown_name_message
+from medseg_lightning.config.schema import AugmentationConfig
 
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 PRESETS: Registry[Callable[[], list[A.BasicTransform]]] = Registry("augmentation preset")

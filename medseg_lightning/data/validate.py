@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medseg_lightning.config_schema import DataConfig
+from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.io import Volume
 from medseg_lightning.data.manifest import Case
 

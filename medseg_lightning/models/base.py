@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg_lightning.registry import Registry
+from medseg_lightning.config.registry import Registry
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.models._features import FeatureDictNet
+from timm.models import FeatureDictNet
 from torch import nn
 
 FeatureTransform = Callable[[int, torch.Tensor], Any]
@@ -79,7 +79,9 @@ class TimmEncoder(nn.Module):
         return self._forward_streaming(x, transform)
 
     def _forward_streaming(self, x: torch.Tensor, transform: FeatureTransform) -> list[Any]:
-        # Mirrors timm's FeatureDictNet._collect (without gradient checkpointing), keeping transform results only.
+        # Walks the stages as timm's FeatureDictNet does internally (its private _collect, without gradient
+        # checkpointing), keeping transform results only: pinned by test_stage_by_stage_forward_matches_timm, which
+        # fails on a timm upgrade that changes the walk.
         model = self.model
         kept: list[Any] = []
         for name, module in model.items():

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
-from timm.models._features import FeatureGetterNet
 
 from medseg_lightning.models.segmentation import SegmentationModel
 
@@ -145,7 +144,7 @@ def _target_aliases(model: SegmentationModel, keys: list[str]) -> dict[str, str]
     ``FeatureGetterNet`` nests the model under ``model.``; a plain timm state dict uses the original names.
     """
     aliases = {key: key for key in keys}  # exact names first, so an alternative spelling never shadows one
-    getter = isinstance(model.encoder.model, FeatureGetterNet)
+    getter = type(model.encoder.model).__name__ == "FeatureGetterNet"  # timm does not export the class
     for key in keys:
         head, _, rest = key.partition(".")
         names = [f"{head[:i]}.{head[i + 1 :]}.{rest}" for i, char in enumerate(head) if char == "_"]

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from medseg_lightning.config import ConfigError, load_config
-from medseg_lightning.config_schema import ExperimentConfig, StrictModel
-from medseg_lightning.launch import override
-from medseg_lightning.protocol import check_selection_metric
+from medseg_lightning.config.protocol import check_selection_metric
+from medseg_lightning.config.schema import ExperimentConfig, StrictModel
+from medseg_lightning.studies.launch import override
 
 
 class FloatParam(StrictModel):

@@ -12,8 +12,8 @@ from typing import Any, NoReturn
 import optuna
 
 from medseg_lightning.config import ConfigError
-from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.launch import DevicePool, failure_reason, launch, medseg_command, set_options
+from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.studies.launch import DevicePool, failure_reason, launch, medseg_command, set_options
 from medseg_lightning.sweep.config import SweepConfig, fixed_overrides, override, resource_conflicts
 from medseg_lightning.sweep.study import REASON_ATTR, RUN_ATTR, SURPLUS_ATTR, is_surplus, max_epochs, suggest
 from medseg_lightning.sweep.trial import TRIAL_ENV, TrialLink

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from medseg_lightning.launch import terminate_children
+from medseg_lightning.studies.launch import terminate_children
 from medseg_lightning.sweep.config import SweepConfig, load_sweep
 from medseg_lightning.sweep.report import write_report
 from medseg_lightning.sweep.runner import DevicePool, SweepContext, TrialFailed, run_trial

@@ -15,11 +15,16 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+
+from medseg_lightning.utilities.files import atomic_write
+
+if TYPE_CHECKING:
+    from medseg_lightning.training.train import RunHooks, RunResult
 
 TRIAL_ENV = "MEDSEG_TRIAL"
 
@@ -85,7 +90,21 @@ def write_result(link: TrialLink, run_id: str, metrics: dict[str, float], pruned
     """The result file the sweep reads: the best checkpoint's metrics, the run id, and whether it was pruned."""
     result = {"run_id": run_id, "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
               "pruned_at": pruned_at, "epochs": epochs, "link": asdict(link)}
-    path = Path(link.result_file)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2))
-    temporary.replace(path)  # the sweep never reads half a file
+    text = json.dumps(result, indent=2)
+    atomic_write(Path(link.result_file), lambda temporary: temporary.write_text(text))  # never half a file
+
+
+def trial_hooks() -> RunHooks | None:
+    """What an Optuna trial adds to the training run it launched (None outside a sweep): the pruning callback, and
+    the result file written once the run is logged."""
+    from medseg_lightning.training.train import RunHooks
+
+    link = trial_link()
+    if link is None:
+        return None
+    pruning = PruningCallback(link)
+
+    def finished(result: RunResult, epochs: int) -> None:
+        write_result(link, result.run_id, result.metrics, pruning.pruned_at, epochs)
+
+    return RunHooks(callbacks=[pruning], on_finished=finished)

@@ -23,12 +23,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
-from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.protocol import configuration_hash
-from medseg_lightning.provenance import command_tags, dvc_state, git_state, package_versions
+from medseg_lightning.config.protocol import configuration_hash
+from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.tracking.provenance import command_tags, dvc_state, git_state, package_versions
 
 CONFIG_HASH_TAG = "medseg.config_hash"
 
@@ -104,7 +105,17 @@ def is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
-def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | None = None) -> MLFlowLogger:
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, saying publicly which store and experiment it writes to (Lightning keeps both in
+    private attributes)."""
+
+    def __init__(self, *, experiment_name: str, tracking_uri: str, **kwargs: Any) -> None:
+        super().__init__(experiment_name=experiment_name, tracking_uri=tracking_uri, **kwargs)
+        self.experiment_name = experiment_name
+        self.tracking_uri = tracking_uri
+
+
+def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | None = None) -> RunLogger:
     """The Lightning MLflow logger for this run.
 
     Rank 0 creates the run (or reopens ``resume_run_id``) before training starts and exports its id in
@@ -118,9 +129,8 @@ def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | Non
         except mlflow.exceptions.MlflowException:
             raise ValueError(f"--resume {resume_run_id}: no such MLflow run in {uri}") from None
     run_id = resume_run_id or (None if is_global_zero() else os.environ.get(RUN_ID_ENV))
-    logger = MLFlowLogger(experiment_name=name, run_name=config.tracking.run_name or default_run_name(config),
-                          tracking_uri=uri,
-                          tags=config.tracking.tags or None, artifact_location=artifacts, run_id=run_id)
+    logger = RunLogger(experiment_name=name, run_name=config.tracking.run_name or default_run_name(config),
+                       tracking_uri=uri, tags=config.tracking.tags or None, artifact_location=artifacts, run_id=run_id)
     if is_global_zero():
         os.environ[RUN_ID_ENV] = logger.run_id  # creates the run now, on rank 0 only
     return logger
@@ -180,7 +190,10 @@ def log_dataset_input(client: MlflowClient, run_id: str, config: ExperimentConfi
         source = resolve_dataset_source(str(config.data.source))
     dataset = MetaDataset(source=source, name=config.name, digest=fingerprint.get("fingerprint", "")[:36])
     tag = InputTag(key="mlflow.data.context", value=context)
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+    entry = dataset.to_dict()  # the public description MLflow's own log_input turns into the entity below
+    entity = DatasetEntity(name=entry["name"], digest=entry["digest"], source_type=entry["source_type"],
+                           source=entry["source"], schema=entry.get("schema"), profile=entry.get("profile"))
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[tag])])
 
 
 def log_report(client: MlflowClient, run_id: str, files: list[Path], folder: str, tags: dict[str, str],
@@ -249,7 +262,7 @@ def log_artifact_file(logger: MLFlowLogger, path: Path, folder: str | None = Non
 
 def log_model(logger: MLFlowLogger, bundle_folder: Path, example: Any, prediction: Any) -> str:
     """Logs the bundle as an MLflow pyfunc model from code (no pickled Python object); returns its URI."""
-    return log_model_to_run(logger._tracking_uri, logger.run_id, bundle_folder, example, prediction)
+    return log_model_to_run(logger.tracking_uri, logger.run_id, bundle_folder, example, prediction)
 
 
 def log_model_to_run(tracking_uri: str, run_id: str, bundle_folder: Path, example: Any, prediction: Any) -> str:
@@ -303,7 +316,7 @@ class OverlayCallback(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking or not getattr(pl_module, "overlays", None):
             return
-        from medseg_lightning.visualize import save_overlay
+        from medseg_lightning.reporting.plots import save_overlay
 
         with tempfile.TemporaryDirectory() as tmp:
             for sample in pl_module.overlays:
@@ -325,7 +338,7 @@ def load_logged_bundle(uri: str, root: Path) -> Any:
     Raises:
         ValueError: the model cannot be found in the store, or is not a medseg model.
     """
-    from medseg_lightning.model_io import load_bundle
+    from medseg_lightning.inference.bundle import load_bundle
 
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
         uri = f"{uri.rstrip('/')}/model"

@@ -14,9 +14,9 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.provenance import command_tags, dvc_state, git_state, package_versions
+from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.tracking import log_dataset_input, resolve_store, resolve_store_from_env, using_store
+from medseg_lightning.tracking.provenance import command_tags, dvc_state, git_state, package_versions
 
 SOURCE_RUN_TAG = "medseg.source_run_id"
 MODEL_URI_TAG = "medseg.model_uri"

@@ -27,14 +27,14 @@ class SegmentationPyfunc(PythonModel):
     # predict() has no type hints on purpose: MLflow would turn them into a (wrong) schema; the logged
     # signature, inferred from a real input example, describes the tensors instead.
     def load_context(self, context: Any) -> None:
-        from medseg_lightning.model_io import load_bundle
+        from medseg_lightning.inference.bundle import load_bundle
 
         self.bundle = load_bundle(Path(context.artifacts["bundle"]))
 
     def predict(self, context, model_input, params=None):
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         if self.bundle.config.task == "instance":  # an instance-label map per slice
-            from medseg_lightning.model_io import predict_slices
+            from medseg_lightning.inference.bundle import predict_slices
 
             return predict_slices(self.bundle.network, self.bundle.config, batch)
         with torch.no_grad():

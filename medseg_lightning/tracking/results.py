@@ -6,7 +6,7 @@ import mlflow
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from medseg_lightning.results import RunRecord
+from medseg_lightning.reporting.results import RunRecord
 from medseg_lightning.tracking.sweep import PARENT_TAG
 
 

@@ -19,9 +19,9 @@ import pandas as pd
 from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.provenance import command_tags, git_state
+from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.tracking import resolve_store
+from medseg_lightning.tracking.provenance import command_tags, git_state
 from medseg_lightning.tracking.sweep import PARENT_TAG, experiment_id
 
 KIND_TAG = "medseg.kind"

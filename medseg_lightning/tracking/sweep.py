@@ -17,9 +17,9 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from medseg_lightning.config_schema import ExperimentConfig
-from medseg_lightning.provenance import git_state
+from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.tracking import resolve_store, using_store
+from medseg_lightning.tracking.provenance import git_state
 
 PARENT_TAG = "mlflow.parentRunId"
 STATES = {"running": RunStatus.RUNNING, "finished": RunStatus.FINISHED, "failed": RunStatus.FAILED,

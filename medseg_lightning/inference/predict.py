@@ -1,0 +1,164 @@
+"""``medseg predict``: segment new NIfTI volumes, DICOM series and 2D images with trained models.
+
+The input goes through exactly the preprocessing the model was trained with (``preprocess_case`` with the
+model's own config), the slices are predicted in batches, re-stacked into the case's canonical voxel grid with
+``restore_volume``, and written back in the input's own orientation, affine and header geometry. Outputs are
+written to a temporary name and renamed, so an error never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg_lightning.data.cache import preprocess_case
+from medseg_lightning.data.dataset import stack_context
+from medseg_lightning.data.instances import Objects
+from medseg_lightning.data.io import DataError, Volume
+from medseg_lightning.data.preprocess import restore_volume
+from medseg_lightning.inference.bundle import ModelBundle, check_compatible
+from medseg_lightning.inference.folding import prepare_for_inference
+from medseg_lightning.inference.inputs import PredictInput, check_finite, load_input
+from medseg_lightning.inference.instance_outputs import write_objects
+from medseg_lightning.inference.outputs import (
+    atomic_nifti,
+    atomic_png,
+    to_reference_orientation,
+    write_overlay,
+    write_slice_masks,
+)
+from medseg_lightning.inference.postprocess import classes_to_clean, keep_largest_components
+
+
+class Predictor:
+    """One model or an ensemble (probabilities averaged), with optional flip test-time augmentation."""
+
+    def __init__(self, bundles: list[ModelBundle], tta: bool | None = None, largest_component: bool | None = None,
+                 batch_size: int | None = None, device: str | None = None, optimize: bool = True,
+                 min_score: float | None = None) -> None:
+        """``optimize``: run inference copies of the networks (BatchNorm folded, channels-last memory), which
+        compute the same output faster; ``min_score``: instance models keep detections from this score on
+        (default: the model's ``score_threshold``)."""
+        first = bundles[0].config
+        for bundle in bundles[1:]:
+            check_compatible(first, bundle.config)
+        self.config = first
+        self.in_channels = bundles[0].in_channels
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        optimize = optimize and first.task == "semantic"  # Mask R-CNN's RoI heads stay as torchvision made them
+        self.memory_format = torch.channels_last if optimize else torch.contiguous_format
+        self.networks = [(prepare_for_inference(bundle.network) if optimize else bundle.network.eval()).to(self.device)
+                         for bundle in bundles]
+        self.tta = first.inference.tta if tta is None else tta
+        chosen = first.inference.largest_component if largest_component is None else largest_component
+        self.keep_largest = classes_to_clean(chosen, first.data.labels)
+        self.batch_size = batch_size or first.trainer.inference_batch_size
+        self.instance = first.task == "instance"
+        if self.instance and (len(bundles) > 1 or self.tta):
+            raise ValueError("instance models (Mask R-CNN) predict alone: no --tta and no ensemble of several --model")
+        if min_score is not None and not self.instance:
+            raise ValueError("--min-score applies to instance models (Mask R-CNN) only")
+        self.min_score = first.model.score_threshold if min_score is None else min_score
+        if self.instance and min_score is not None:  # the detector drops low scores before its mask head
+            self.networks[0].detector.roi_heads.score_thresh = min_score
+
+    @property
+    def modalities(self) -> int:
+        return len(self.config.data.image_columns)
+
+    def segment(self, volume: Volume, name: str) -> np.ndarray:
+        """Labels ``(X, Y, Z)`` (uint8) in the volume's canonical voxel grid."""
+        slices, meta = self._slices(volume, name)
+        prediction = restore_volume(self.labels(slices).numpy(), meta)
+        return keep_largest_components(prediction, self.keep_largest)
+
+    def objects(self, volume: Volume, name: str) -> Objects:
+        """Instance models: the objects in the volume's canonical voxel grid (ids, classes, scores)."""
+        from medseg_lightning.inference.detections import detect_slices, objects_from_detections
+
+        slices, meta = self._slices(volume, name)
+        detections = detect_slices(self.networks[0], slices.contiguous(memory_format=self.memory_format),
+                                   self.batch_size)
+        found = objects_from_detections(detections, tuple(slices.shape[-2:]), self.min_score)
+        return Objects(restore_volume(found.ids, meta), found.classes, found.scores)
+
+    def _slices(self, volume: Volume, name: str) -> tuple[torch.Tensor, dict]:
+        """The case's preprocessed (2.5D) slices, as in training, and the geometry to put predictions back."""
+        channels = volume.array.shape[0]
+        context = self.config.data.slicing.context
+        if channels * (2 * context + 1) != self.in_channels:
+            raise DataError(f"{name}: {channels} channel(s); the model takes {self.in_channels // (2 * context + 1)} "
+                            f"({', '.join(self.config.data.image_columns)})")
+        slices, _, _, meta = preprocess_case(volume, None, self.config.data)
+        stacked = stack_context(slices, np.arange(len(slices)), context)
+        return torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)), meta
+
+    @torch.inference_mode()
+    def labels(self, slices: torch.Tensor) -> torch.Tensor:
+        """Labels ``(S, H, W)`` uint8; one model without TTA takes the argmax of its logits (no softmax needed)."""
+        if len(self.networks) == 1 and not self.tta:
+            network = self.networks[0]
+            return torch.cat([network(self._batch(slices, start)).argmax(1).to(torch.uint8).cpu()
+                              for start in range(0, len(slices), self.batch_size)])
+        return self.probabilities(slices).argmax(1).to(torch.uint8)
+
+    @torch.inference_mode()
+    def probabilities(self, slices: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(S, K, H, W)`` averaged over models (and flips), computed in batches."""
+        chunks = []
+        for start in range(0, len(slices), self.batch_size):
+            batch = self._batch(slices, start)
+            views = [(), (-1,), (-2,)] if self.tta else [()]
+            total = None
+            for network in self.networks:
+                for dims in views:
+                    flipped = batch.flip(dims) if dims else batch
+                    probability = torch.softmax(network(flipped).float(), dim=1)
+                    probability = probability.flip(dims) if dims else probability
+                    total = probability if total is None else total + probability
+            chunks.append((total / (len(self.networks) * len(views))).cpu())
+        return torch.cat(chunks)
+
+    def _batch(self, slices: torch.Tensor, start: int) -> torch.Tensor:
+        return slices[start : start + self.batch_size].to(self.device).contiguous(memory_format=self.memory_format)
+
+
+@dataclass
+class CaseOutput:
+    name: str
+    mask: Path
+    overlay: Path | None
+    seconds: float
+    slices: int
+
+
+def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overlay: bool = False) -> CaseOutput:
+    """Segments one case and writes its mask (and overlay) atomically."""
+    started = time.perf_counter()
+    volume, reference = load_input(case)
+    check_finite(volume, case)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if predictor.instance:
+        objects = predictor.objects(volume, case.name)
+        mask_path, labels = write_objects(objects, case, volume, reference, predictor.config, out_dir)
+        overlay_path = _overlay(volume, labels, predictor, out_dir, case) if overlay else None
+        return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
+    labels = predictor.segment(volume, case.name)
+    if case.kind == "slices":
+        mask_path = write_slice_masks(labels, case, predictor.config.data.label_mapping, out_dir)
+    elif reference is None:
+        mask_path = out_dir / f"{case.name}.png"
+        atomic_png(labels[:, :, 0], mask_path)
+    else:
+        mask_path = out_dir / f"{case.name}.nii.gz"
+        atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, mask_path)
+    overlay_path = _overlay(volume, labels, predictor, out_dir, case) if overlay else None
+    return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
+
+
+def _overlay(volume: Volume, labels: np.ndarray, predictor: Predictor, out_dir: Path, case: PredictInput) -> Path:
+    return write_overlay(volume, labels, predictor.config, out_dir / f"{case.name}_overlay.png")
