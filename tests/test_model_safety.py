@@ -88,3 +88,14 @@ def test_logged_models_and_cards_hold_no_local_paths(logged: tuple[Path, Path, s
         offenders += [f"{path.relative_to(root)}: {line.strip()}" for line in lines
                       if any(folder in line for folder in folders)]
     assert not offenders
+
+
+def test_a_logged_model_names_its_data_without_this_machines_folders(logged: tuple[Path, Path, str],
+                                                                      cohort: Path) -> None:
+    """The run's config.yaml keeps the data path (to rerun the experiment here); the model, which travels to other
+    machines and the registry, keeps only the data folder's name when it lay outside the working folder."""
+    root, _, _ = logged
+    spec = yaml.safe_load((_model_folder(root) / "artifacts" / "bundle" / "model.yaml").read_text())
+    assert spec["config"]["data"]["source"] == cohort.name
+    model_files = [path for path in _model_folder(root).rglob("*") if path.is_file() and path.suffix in (".yaml", "")]
+    assert not [path for path in model_files if str(cohort) in path.read_text(errors="ignore")]

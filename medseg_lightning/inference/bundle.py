@@ -88,11 +88,26 @@ def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, 
     save_file(state, str(folder / WEIGHTS_FILE))
     from medseg_lightning import __version__
 
+    settings = config.model_dump(mode="json")
+    settings["data"]["source"] = portable_source(config.data.source)
     spec = {"format": FORMAT_VERSION, "medseg_version": __version__, "in_channels": in_channels,
-            "config": config.model_dump(mode="json"),
+            "config": settings,
             **({"seen_cases": sorted(seen_digest(key) for key in seen_cases)} if seen_cases else {})}
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
+
+
+def portable_source(source: Path | str) -> str:
+    """The training data's location as a model may carry it beyond this machine: relative to the working folder
+    when it lies inside it, else only its name. An absolute path names this machine's folders and users; the
+    model never reads its data source (evaluation takes the data from the experiment given to it)."""
+    path = Path(source)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
 
 
 def save_ensemble(members: list[Path], folder: Path) -> Path:
