@@ -65,6 +65,16 @@ def test_failing_gates_refuse_and_list_every_gate(runs, monkeypatch: pytest.Monk
     assert not client.search_registered_models("name = 'refused'")
 
 
+def test_a_gate_on_an_unlogged_metric_of_a_tested_run_is_not_blamed_on_development_mode(
+        runs, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    results, root = runs
+    monkeypatch.chdir(root)
+    assert main(["promote", "--run", results[0].run_id, "--name", "unlogged", "--max-gap", "site=0.1"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL  test/fairness/site/dice_gap: not logged" in captured.out
+    assert "evaluate_test" not in captured.err  # the run scored test; only this attribute was never audited
+
+
 def test_promotion_registers_tags_describes_and_moves_the_alias(runs, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str],
                                                                 tmp_path: Path, cohort: Path) -> None:

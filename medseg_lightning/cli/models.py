@@ -66,7 +66,7 @@ def _promote(args: argparse.Namespace) -> int:
     print(f"run {run_id}: {len(result.gates)} gate(s)")
     for gate in result.gates:
         print(f"  {gate.line()}")
-    if any(gate.value is None and gate.gate.startswith("test/") for gate in result.gates):
+    if not result.scored_test and any(gate.gate.startswith("test/") for gate in result.gates):
         print("note: gates on test metrics the run did not log: a run trained with trainer.evaluate_test: false "
               "(every sweep trial is) never looked at test. Train the chosen configuration once with medseg train "
               "(a sweep's best_config.yaml artifact) and promote that run, or gate on --split val", file=sys.stderr)

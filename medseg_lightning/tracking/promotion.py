@@ -82,6 +82,7 @@ class PromotionResult:
     run_id: str
     moved_from: str | None = None
     no_gates: bool = False  # neither the run's config nor the command line set a gate: nothing was checked
+    scored_test: bool = True  # the run logged test metrics (a development run or sweep trial logs none)
 
 
 def promote_run(run_id: str, name: str, alias: str | None, gate_overrides: dict[str, object],
@@ -108,7 +109,8 @@ def promote_run(run_id: str, name: str, alias: str | None, gate_overrides: dict[
     # no gate is no evidence: a model nobody checked needs a recorded reason, like one that failed its gates
     passed = bool(gates) and all(gate.passed for gate in gates)
     result = PromotionResult(name=name, version=None, gates=gates, forced=not passed and bool(force_reason),
-                             run_id=run_id, no_gates=not gates)
+                             run_id=run_id, no_gates=not gates,
+                             scored_test=any(key.startswith("test/") for key in run.data.metrics))
     if not passed and not force_reason:
         return result
     tags = {key: value for key, value in {
