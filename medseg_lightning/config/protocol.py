@@ -1,9 +1,9 @@
 """Test-set hygiene: validation chooses, test only reports.
 
 A setting chosen by reading test scores (the best epoch, the weight averaging, a sweep's winner) makes the test
-score a selection score: it no longer estimates how the model does on new patients. These helpers keep selection
-on validation metrics and identify a test split and a configuration, so every look at a test split can be
-counted (``tracking/test_looks.py``) and shown where the figure is read (console, model card).
+score a selection score: it no longer estimates how the model does on new patients. ``config.selection`` keeps
+selection on validation metrics; these helpers identify a test split and a configuration, so every look at a
+test split can be counted (``tracking/test_looks.py``) and shown where the figure is read (console, model card).
 """
 
 from __future__ import annotations
@@ -11,25 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the schema's validators use this module, so it must not import the schema at run time
-    from medseg_lightning.config.schema import ExperimentConfig, SplitConfig
-    from medseg_lightning.data.check import PreparedDataset
-
-SELECTION_SPLITS = ("val/", "train/")
-
-
-def check_selection_metric(metric: str, where: str) -> None:
-    """A metric that chooses something (checkpoint, early stop, sweep objective) must not be a test metric.
-
-    Raises:
-        ValueError: naming where the metric was set and why it is refused.
-    """
-    if metric.startswith("test/"):
-        raise ValueError(f"{where} {metric!r}: a test metric cannot choose the model (best epoch, early stopping or "
-                         "sweep winner); the test score would then be a selection score, not an estimate for new "
-                         f"patients. Use the validation metric {'val/' + metric.removeprefix('test/')!r}")
+from medseg_lightning.config.schema import ExperimentConfig, SplitConfig
 
 
 def configuration_hash(config: ExperimentConfig) -> str:
@@ -70,11 +54,6 @@ def split_key(case_digests: Iterable[str]) -> str:
     """One key per test set: a hash of its cases' file contents, so the same patients are the same split whatever
     the preprocessing, the experiment name or the way the split was defined (and no case id is stored)."""
     return hashlib.sha256("|".join(sorted(case_digests)).encode()).hexdigest()[:20]
-
-
-def split_key_of(dataset: PreparedDataset, split: str = "test") -> str:
-    """The key of one split of a prepared dataset (see ``split_key``)."""
-    return split_key(dataset.content_keys[case.case.case_id] for case in dataset.split(split))
 
 
 def _without_none(value: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medseg_lightning.config.protocol import check_selection_metric
+from medseg_lightning.config.selection import check_selection_metric
 
 
 class StrictModel(BaseModel):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg_lightning.config.protocol import split_key
 from medseg_lightning.config.schema import DataConfig
 from medseg_lightning.data.attributes import apply_attributes
 from medseg_lightning.data.cache import PreparedCase, PreprocessCache, default_cache_dir
@@ -42,6 +43,11 @@ class PreparedDataset:
 
     def split(self, name: str) -> list[PreparedCase]:
         return [case for case in self.cases if self.splits.get(case.case.case_id) == name]
+
+    def split_key(self, name: str = "test") -> str:
+        """The key of one split, a hash of its cases' content digests (``config.protocol.split_key``): the same
+        patients give the same key whatever the preprocessing or the way the split was defined."""
+        return split_key(self.content_keys[case.case.case_id] for case in self.split(name))
 
     def raise_for_problems(self) -> None:
         if self.problems:

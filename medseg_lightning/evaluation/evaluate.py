@@ -177,7 +177,7 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
         warn: where the note goes when other configurations have already been evaluated on this test split.
     """
     from medseg_lightning import tracking
-    from medseg_lightning.config.protocol import split_definition, split_key_of
+    from medseg_lightning.config.protocol import split_definition
     from medseg_lightning.tracking.evaluation import evaluation_run, log_metrics, source_run_id
     from medseg_lightning.tracking.test_looks import count_test_looks, record_test_look
 
@@ -199,7 +199,7 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
         raise ValueError(f"split {split!r} has no cases ({counts}); check data.split or pass --split")
     check_unseen(bundle, datamodule.dataset, split, warn)
     config_hash = evaluated_configuration(bundle, config)
-    key = split_key_of(datamodule.dataset, split)
+    key = datamodule.dataset.split_key(split)
     looks = None
     with evaluation_run(config, root, model_spec, split, datamodule.dataset.fingerprint) as (client, run_id):
         if split == "test":

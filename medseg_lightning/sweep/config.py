@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from medseg_lightning.config import ConfigError, load_config
-from medseg_lightning.config.protocol import check_selection_metric
 from medseg_lightning.config.schema import ExperimentConfig, StrictModel
+from medseg_lightning.config.selection import check_selection_metric
 from medseg_lightning.studies.launch import override
 
 

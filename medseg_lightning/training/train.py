@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import (
 
 from medseg_lightning import tracking
 from medseg_lightning.config import config_to_yaml
-from medseg_lightning.config.protocol import configuration_hash, split_definition, split_key_of
+from medseg_lightning.config.protocol import configuration_hash, split_definition
 from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.evaluation.evaluate import SPLITS, RunContext, write_outputs
@@ -287,7 +287,7 @@ def _checkpoint_artifact(best: str, mode: str, folder: Path) -> Path | None:
 def _record_test_look(logger: Any, config: ExperimentConfig, datamodule: SegmentationDataModule) -> SplitLooks:
     """Tags the run as one look at its test split and counts the looks the store holds (this one included)."""
     config_hash = configuration_hash(config)
-    key = split_key_of(datamodule.dataset)
+    key = datamodule.dataset.split_key()
     record_test_look(logger.experiment, logger.run_id, key, split_definition(config.data.split), config_hash)
     return count_test_looks(logger.experiment, key, config_hash)
 
