@@ -25,8 +25,12 @@ SWEEP_ACTIONS = ("status", "report")
 
 def _add_experiment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set data.loader.batch_size=8 (repeatable)")
+    _add_set(parser, "override a config field, e.g. --set data.loader.batch_size=8 (repeatable)")
+
+
+def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE``, the one override option of every command that reads a YAML file."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
 def _add_seeds(parser: argparse.ArgumentParser) -> None:
@@ -312,8 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
                           help="keep only the largest connected component per class, or not (default: the model's)")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a field of the --data experiment (repeatable)")
+    _add_set(evaluate, "override a field of the --data experiment (repeatable)")
     evaluate.set_defaults(handler=_evaluate)
 
     add_model_commands(verbs)
@@ -323,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "medseg sweep report SWEEP.yaml")
     sweep.add_argument("target", nargs="+", metavar="[status|report] SWEEP.yaml")
     sweep.add_argument("--jobs", type=int, help="trials at once on this machine (default: the sweep's jobs)")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field of the sweep file, e.g. --set n_trials=10 (repeatable)")
+    _add_set(sweep, "override a field of the sweep file, e.g. --set n_trials=10 (repeatable)")
     sweep.set_defaults(handler=_sweep)
 
     results = verbs.add_parser("results", help="results tables (Markdown, CSV) from the MLflow runs",
