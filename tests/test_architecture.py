@@ -10,8 +10,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medseg_lightning"
-STAGES = ["cli", "sweep", "studies", "training", "evaluation", "tracking", "inference", "reporting", "models", "data",
-          "config", "utilities"]  # top to bottom
+STAGES = ["cli", "sweep", "studies", "tasks", "training", "evaluation", "tracking", "inference", "reporting", "models",
+          "data", "config", "utilities"]  # top to bottom
 
 
 def _module_name(path: Path) -> str:

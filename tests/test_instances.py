@@ -220,6 +220,7 @@ def test_data_check_names_bad_instance_maps(tmp_path: Path, capsys: pytest.Captu
 def test_connected_components_of_a_perfect_label_map_merge_touching_objects(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reason for Mask R-CNN: even a perfect semantic map loses the objects that touch."""
+    from medseg_lightning.config.tasks import task_of
     from medseg_lightning.data.datamodule import SegmentationDataModule
     from medseg_lightning.data.dataset import CaseDataset
     from medseg_lightning.evaluation import instance_scoring
@@ -237,7 +238,7 @@ def test_connected_components_of_a_perfect_label_map_merge_touching_objects(
     items = list(CaseDataset(datamodule.dataset.cases))
     truth = iter([item["mask"].numpy().astype(np.uint8) for item in items])
     monkeypatch.setattr(instance_scoring, "predict_labels", lambda *args: next(truth))  # the true label map
-    report = instance_scoring.evaluate_instance_cases(torch.nn.Identity(), items, "test", config)
+    report = task_of(config).evaluate(torch.nn.Identity(), items, "test", config)  # semantic model, instance data
     assert report.summary["dice/mean"] == 1.0
     assert report.summary["instance/count_error"] < 0  # objects that touch came out as one
     assert report.summary["instance/pq"] < 0.9 and report.summary["instance/ap"] < 0.9

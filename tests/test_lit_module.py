@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from medseg_lightning.config.schema import OptimizerConfig
 from medseg_lightning.models import create_model
+from medseg_lightning.training.case_module import _parameter_groups, _schedule
 from medseg_lightning.training.losses import create_loss
-from medseg_lightning.training.segmentation_module import SegmentationModule, _parameter_groups, _schedule
+from medseg_lightning.training.segmentation_module import SegmentationModule
 
 
 def test_schedules_with_warmup() -> None:

@@ -109,7 +109,7 @@ def test_onnx_export_refuses_instance_models(trained: tuple[RunResult, Path, Pat
     result, root, _ = trained
     monkeypatch.chdir(root)
     assert main(["export", "--model", f"runs:/{result.run_id}", "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "only semantic models are exported" in capsys.readouterr().err
+    assert "instance models are not exported" in capsys.readouterr().err
 
 
 def test_an_instance_model_is_promoted_with_its_card_and_predicts_from_the_registry(

@@ -29,7 +29,7 @@ def _predict(args: argparse.Namespace) -> int:
                           device=args.device, min_score=args.min_score)
     cases = discover_inputs(args.inputs, predictor.modalities)
     planned = [path for case in cases
-               for path in output_paths(case, args.out, overlay=args.overlay, instance=predictor.instance)]
+               for path in output_paths(case, args.out, overlay=args.overlay, instance=predictor.task.detects_objects)]
     existing = [path for path in planned if path.exists() or path.is_symlink()]
     if existing and not args.force:  # before anything is written: a user's files are never replaced unasked
         what = (f"{existing[0]} and {len(existing) - 1} more output(s) of this command exist" if len(existing) > 1

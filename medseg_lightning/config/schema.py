@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medseg_lightning.config.registry import unknown_name_message
 from medseg_lightning.config.selection import check_selection_metric
 
 
@@ -370,8 +371,9 @@ class ExperimentConfig(StrictModel):
     name: str = Field(description="experiment name (the MLflow experiment)")
     description: str = ""
     seed: int = 42
-    task: Literal["semantic", "instance"] = Field(
-        "semantic", description="semantic: a label per pixel; instance: separate objects (arch: mask_rcnn)")
+    task: str = Field(
+        "semantic", description="semantic: a label per pixel; instance: separate objects (arch: mask_rcnn); or a "
+        "task another package registers (see config/tasks.py)")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -382,6 +384,15 @@ class ExperimentConfig(StrictModel):
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from medseg_lightning.config.tasks import task_names
+
+        if value not in task_names():
+            raise ValueError(unknown_name_message("task", value, task_names()))
+        return value
 
     @model_validator(mode="after")
     def _check_task(self) -> ExperimentConfig:

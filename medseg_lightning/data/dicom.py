@@ -20,6 +20,7 @@ and series by number, a file name and file count (never by description or UID).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,7 +272,7 @@ def _is_empty(value: object) -> bool:
     """Missing or present without a value (type 2 elements may be written empty)."""
     if value is None:
         return True
-    return not isinstance(value, int | float) and len(value) == 0  # type: ignore[arg-type]
+    return isinstance(value, Sized) and len(value) == 0
 
 
 def _fmt(values: np.ndarray) -> str:

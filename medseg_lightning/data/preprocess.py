@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,8 +83,11 @@ class InPlaneGeometry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> InPlaneGeometry:
-        return cls(source=tuple(data["source"]), target=tuple(data["target"]), mode=str(data["mode"]))  # type: ignore[arg-type]
+    def from_dict(cls, data: dict[str, Any]) -> InPlaneGeometry:
+        """From ``to_dict`` output, read back from JSON (lists for the sizes)."""
+        rows, cols = data["source"]
+        target_rows, target_cols = data["target"]
+        return cls(source=(int(rows), int(cols)), target=(int(target_rows), int(target_cols)), mode=str(data["mode"]))
 
 
 def _pad_crop(array: np.ndarray, target: tuple[int, int], fill: float) -> np.ndarray:
@@ -151,10 +155,10 @@ def restore_in_plane(array: np.ndarray, geometry: InPlaneGeometry, nearest: bool
     return _pad_crop(array, geometry.source, 0)
 
 
-def restore_volume(slices: np.ndarray, meta: dict[str, object]) -> np.ndarray:
+def restore_volume(slices: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """Puts per-slice labels ``(S, H, W)`` back into the case's original ``(X, Y, Z)`` voxel grid.
 
     ``meta`` is a prepared case's metadata (its ``in_plane`` geometry and slicing ``axis``).
     """
-    geometry = InPlaneGeometry.from_dict(meta["in_plane"])  # type: ignore[arg-type]
-    return from_slices(restore_in_plane(slices, geometry, nearest=True), int(meta["axis"]))  # type: ignore[call-overload]
+    geometry = InPlaneGeometry.from_dict(meta["in_plane"])
+    return from_slices(restore_in_plane(slices, geometry, nearest=True), int(meta["axis"]))

@@ -16,17 +16,16 @@ from typing import Any
 
 from medseg_lightning import __version__
 from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
 from medseg_lightning.evaluation.scoring import (
     EvaluationReport,
-    evaluate_cases,
     report_files,
     split_group_counts,
     worst_group_tags,
 )
 from medseg_lightning.inference.bundle import ENSEMBLE_FILE, SPEC_FILE, ModelBundle, load_bundle
-from medseg_lightning.inference.folding import prepare_for_inference
 from medseg_lightning.reporting.model_card import CardInputs, build_card
 from medseg_lightning.reporting.model_card_render import render_summary, write_card
 from medseg_lightning.tracking.provenance import dvc_state, git_state
@@ -119,7 +118,7 @@ def evaluation_config(data: ExperimentConfig, model: ExperimentConfig) -> Experi
         raise ValueError(f"the model predicts {model.data.num_classes} classes {model.data.labels}, the data has "
                          f"{data.data.num_classes} {data.data.labels}")
     fields = {"preprocessing": model.data.preprocessing, "slicing": model.data.slicing, "labels": model.data.labels}
-    if model.task == "instance":  # the objects are scored as the model was trained to find them
+    if task_of(model).detects_objects:  # the objects are scored as the model was trained to find them
         fields["instances"] = data.data.instances or model.data.instances
     # a semantic model on instance data keeps data.instances: its objects are then its connected components
     return data.model_copy(update={"data": data.data.model_copy(update=fields), "task": model.task,
@@ -211,13 +210,7 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
             record_test_look(client, run_id, key, split_definition(config.data.split), config_hash)
             looks = count_test_looks(client, key, config_hash)
         dataset = CaseDataset(cases, config.data.slicing.context)
-        if config.task == "instance" or config.data.instances is not None:
-            from medseg_lightning.evaluation.instance_scoring import evaluate_instance_cases
-
-            report = evaluate_instance_cases(bundle.network, dataset, split, config)
-        else:
-            network = prepare_for_inference(bundle.network)  # the same logits, faster (see models/inference.py)
-            report = evaluate_cases(network, dataset, split, config)
+        report = task_of(config).evaluate(bundle.network, dataset, split, config)
         log_metrics(client, run_id, report.metrics())
         context = RunContext(
             config=config, kind="evaluation", run_id=run_id, root=root, split_counts=datamodule.split_counts(),

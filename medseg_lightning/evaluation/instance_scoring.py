@@ -1,11 +1,11 @@
 """Scoring a split of instance data, case by case: the semantic row (Dice of the merged mask, ...) plus panoptic
 quality and mask AP of the objects. Objects are an instance model's detections, or the connected components of a
 semantic model's labels, so both kinds of model are compared on the same objects. Used by the instance
-LightningModule at validation and by ``medseg evaluate``."""
+LightningModule at validation and by the tasks' ``evaluate`` (``medseg evaluate``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -53,20 +53,16 @@ def score_components_case(network: torch.nn.Module, item: dict[str, Any], labels
     return row, predicted, true
 
 
-def evaluate_instance_cases(network: torch.nn.Module, items: Iterable[dict[str, Any]], split: str,
-                            config: ExperimentConfig) -> EvaluationReport:
-    """``medseg evaluate`` on instance data: every case's row, then the summary with intervals and mask AP.
-    An instance model's objects are its detections; a semantic model's, the connected components of its labels."""
+def evaluate_instance_cases(items: Iterable[dict[str, Any]], split: str, config: ExperimentConfig,
+                            score: Callable[[dict[str, Any]], tuple[dict[str, Any], Objects, Objects]]
+                            ) -> EvaluationReport:
+    """``medseg evaluate`` on instance data: every case's row from ``score`` (an instance model's detections, or a
+    semantic model's connected components), then the summary with intervals and mask AP."""
     from tqdm.auto import tqdm
 
     accumulator, rows = MaskAP(), []
-    labels, batch = dict(config.data.labels), config.trainer.inference_batch_size
     for item in tqdm(items, desc=f"evaluating {split}", unit="case"):
-        if config.task == "instance":
-            row, predicted, true = score_instance_case(network, item, labels, batch, config.model.score_threshold)
-        else:
-            connectivity = config.data.instances.connectivity if config.data.instances else 1
-            row, predicted, true = score_components_case(network, item, labels, batch, connectivity)
+        row, predicted, true = score(item)
         rows.append(row)
         accumulator.update(predicted, true)
     classes = [name for key, name in sorted(config.data.labels.items()) if key > 0]

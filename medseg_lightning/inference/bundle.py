@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medseg_lightning.config.schema import ExperimentConfig
-from medseg_lightning.models import create_model
+from medseg_lightning.config.tasks import task_of
 
 FORMAT_VERSION = 1  # of model.yaml; a newer one was written by a newer medseg and may not load right here
 WEIGHTS_FILE = "weights.safetensors"
@@ -50,29 +50,13 @@ class ModelBundle:
 
 def build_network(config: ExperimentConfig, in_channels: int, pretrained: bool = False) -> nn.Module:
     """The network an experiment describes, for ``in_channels`` inputs (modalities x 2.5D slices)."""
-    model = config.model
-    if config.task == "instance":
-        from medseg_lightning.models.mask_rcnn import create_mask_rcnn
-
-        return create_mask_rcnn(model.encoder, in_channels, config.data.num_classes,
-                                config.data.preprocessing.target_size or (64, 64), model.anchor_sizes,
-                                pretrained=pretrained, fpn_channels=model.fpn_channels,
-                                detections_per_image=model.detections_per_image,
-                                score_threshold=model.score_threshold)
-    return create_model(model.arch, model.encoder, in_channels, config.data.num_classes, pretrained=pretrained,
-                        decoder_channels=model.decoder_channels, size_mismatch=model.size_mismatch)
+    return task_of(config).build_network(config, in_channels, pretrained)
 
 
 def predict_slices(network: nn.Module, config: ExperimentConfig, slices: torch.Tensor) -> np.ndarray:
     """What the logged model returns for preprocessed slices ``(N, C, H, W)``: labels ``(N, H, W)`` uint8, or for
     instance models an instance-label map per slice (int32, ids unique within the call)."""
-    if config.task == "instance":
-        from medseg_lightning.inference.detections import detect_slices, paint_slices
-
-        detections = detect_slices(network, slices, max(1, len(slices)))
-        return paint_slices(detections, tuple(slices.shape[-2:]), config.model.score_threshold).ids
-    with torch.no_grad():
-        return network(slices).argmax(1).to(torch.uint8).numpy()
+    return task_of(config).predict_slices(network, config, slices)
 
 
 def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, folder: Path,
@@ -140,8 +124,9 @@ def check_compatible(first: ExperimentConfig, other: ExperimentConfig) -> None:
                                                                  b.image_columns):
         raise ValueError("ensemble models must share preprocessing, slicing, labels and input modalities; "
                          f"{other.name} differs from {first.name}")
-    if first.task != "semantic" or other.task != "semantic":
-        raise ValueError("instance models (Mask R-CNN) predict alone: they cannot be averaged into an ensemble")
+    for config in (first, other):
+        if not task_of(config).averages_predictions:
+            raise ValueError(f"{config.task} models predict alone: {config.name} cannot be averaged into an ensemble")
 
 
 def load_bundle(folder: Path) -> ModelBundle:

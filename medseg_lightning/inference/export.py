@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from medseg_lightning import __version__
+from medseg_lightning.config.tasks import task_of
 from medseg_lightning.inference.bundle import ModelBundle
 from medseg_lightning.utilities.files import atomic_write
 
@@ -62,9 +63,9 @@ def export_onnx(
     """
     model = bundle.config.model
     name = f"{model.arch}/{model.encoder}"
-    if bundle.config.task == "instance":
-        raise ValueError(f"cannot export {name} to ONNX: only semantic models are exported (Mask R-CNN's variable "
-                         "number of detections has no fixed output); serve it with mlflow models serve instead")
+    if not task_of(bundle.config).exports_onnx:
+        raise ValueError(f"cannot export {name} to ONNX: {bundle.config.task} models are not exported (their output, "
+                         "a variable number of detections, has no fixed shape); serve it with mlflow models serve")
     rows, cols = image_size or bundle.config.data.preprocessing.target_size or DEFAULT_SIZE
     size = (int(rows), int(cols))
     missing = [package for package in ("onnx", "onnxscript") if importlib.util.find_spec(package) is None]

@@ -15,21 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.cache import preprocess_case
 from medseg_lightning.data.dataset import stack_context
-from medseg_lightning.data.instances import Objects
 from medseg_lightning.data.io import DataError, Volume
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.inference.bundle import ModelBundle, check_compatible
 from medseg_lightning.inference.folding import prepare_for_inference
 from medseg_lightning.inference.inputs import PredictInput, check_finite, load_input
-from medseg_lightning.inference.instance_outputs import write_objects
 from medseg_lightning.inference.outputs import (
-    atomic_nifti,
-    atomic_png,
-    to_reference_orientation,
     write_overlay,
-    write_slice_masks,
 )
 from medseg_lightning.inference.postprocess import classes_to_clean, keep_largest_components
 
@@ -47,9 +42,10 @@ class Predictor:
         for bundle in bundles[1:]:
             check_compatible(first, bundle.config)
         self.config = first
+        self.task = task_of(first)
         self.in_channels = bundles[0].in_channels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        optimize = optimize and first.task == "semantic"  # Mask R-CNN's RoI heads stay as torchvision made them
+        optimize = optimize and self.task.folds_for_inference
         self.memory_format = torch.channels_last if optimize else torch.contiguous_format
         self.networks = [(prepare_for_inference(bundle.network) if optimize else bundle.network.eval()).to(self.device)
                          for bundle in bundles]
@@ -57,14 +53,11 @@ class Predictor:
         chosen = first.inference.largest_component if largest_component is None else largest_component
         self.keep_largest = classes_to_clean(chosen, first.data.labels)
         self.batch_size = batch_size or first.trainer.inference_batch_size
-        self.instance = first.task == "instance"
-        if self.instance and (len(bundles) > 1 or self.tta):
-            raise ValueError("instance models (Mask R-CNN) predict alone: no --tta and no ensemble of several --model")
-        if min_score is not None and not self.instance:
+        if not self.task.averages_predictions and (len(bundles) > 1 or self.tta):
+            raise ValueError(f"{self.task.name} models predict alone: no --tta and no ensemble of several --model")
+        if min_score is not None and not self.task.detects_objects:
             raise ValueError("--min-score applies to instance models (Mask R-CNN) only")
-        self.min_score = first.model.score_threshold if min_score is None else min_score
-        if self.instance and min_score is not None:  # the detector drops low scores before its mask head
-            self.networks[0].detector.roi_heads.score_thresh = min_score
+        self.min_score = min_score
 
     @property
     def modalities(self) -> int:
@@ -72,21 +65,11 @@ class Predictor:
 
     def segment(self, volume: Volume, name: str) -> np.ndarray:
         """Labels ``(X, Y, Z)`` (uint8) in the volume's canonical voxel grid."""
-        slices, meta = self._slices(volume, name)
+        slices, meta = self.preprocessed_slices(volume, name)
         prediction = restore_volume(self.labels(slices).numpy(), meta)
         return keep_largest_components(prediction, self.keep_largest)
 
-    def objects(self, volume: Volume, name: str) -> Objects:
-        """Instance models: the objects in the volume's canonical voxel grid (ids, classes, scores)."""
-        from medseg_lightning.inference.detections import detect_slices, objects_from_detections
-
-        slices, meta = self._slices(volume, name)
-        detections = detect_slices(self.networks[0], slices.contiguous(memory_format=self.memory_format),
-                                   self.batch_size)
-        found = objects_from_detections(detections, tuple(slices.shape[-2:]), self.min_score)
-        return Objects(restore_volume(found.ids, meta), found.classes, found.scores)
-
-    def _slices(self, volume: Volume, name: str) -> tuple[torch.Tensor, dict]:
+    def preprocessed_slices(self, volume: Volume, name: str) -> tuple[torch.Tensor, dict]:
         """The case's preprocessed (2.5D) slices, as in training, and the geometry to put predictions back."""
         channels = volume.array.shape[0]
         context = self.config.data.slicing.context
@@ -142,20 +125,7 @@ def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overla
     volume, reference = load_input(case)
     check_finite(volume, case)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if predictor.instance:
-        objects = predictor.objects(volume, case.name)
-        mask_path, labels = write_objects(objects, case, volume, reference, predictor.config, out_dir)
-        overlay_path = _overlay(volume, labels, predictor, out_dir, case) if overlay else None
-        return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
-    labels = predictor.segment(volume, case.name)
-    if case.kind == "slices":
-        mask_path = write_slice_masks(labels, case, predictor.config.data.label_mapping, out_dir)
-    elif reference is None:
-        mask_path = out_dir / f"{case.name}.png"
-        atomic_png(labels[:, :, 0], mask_path)
-    else:
-        mask_path = out_dir / f"{case.name}.nii.gz"
-        atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, mask_path)
+    mask_path, labels = predictor.task.write_prediction(predictor, volume, case, reference, out_dir)
     overlay_path = _overlay(volume, labels, predictor, out_dir, case) if overlay else None
     return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
 

@@ -54,9 +54,10 @@ def evaluate_gates(metrics: dict[str, float], gates: PromotionConfig) -> list[Ga
 
 
 def _check(gate: str, value: float | None, threshold: float, rule: str) -> GateResult:
-    known = value is not None and math.isfinite(value)
-    passed = known and (value >= threshold if rule == ">=" else value <= threshold)  # type: ignore[operator]
-    return GateResult(gate, rule, threshold, float(value) if known else None, bool(passed))
+    if value is None or not math.isfinite(value):
+        return GateResult(gate, rule, threshold, None, False)
+    passed = value >= threshold if rule == ">=" else value <= threshold
+    return GateResult(gate, rule, threshold, float(value), bool(passed))
 
 
 def merge_gates(configured: PromotionConfig, overrides: dict[str, object]) -> PromotionConfig:

@@ -33,10 +33,11 @@ class SegmentationPyfunc(PythonModel):
 
     def predict(self, context, model_input, params=None):
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        if self.bundle.config.task == "instance":  # an instance-label map per slice
-            from medseg_lightning.inference.bundle import predict_slices
+        from medseg_lightning.config.tasks import task_of
 
-            return predict_slices(self.bundle.network, self.bundle.config, batch)
+        task = task_of(self.bundle.config)
+        if not task.averages_predictions:  # no probabilities to return: an instance-label map per slice
+            return task.predict_slices(self.bundle.network, self.bundle.config, batch)
         with torch.no_grad():
             probabilities = torch.softmax(self.bundle.network(batch), dim=1)
         if (params or {}).get("output") == "probabilities":

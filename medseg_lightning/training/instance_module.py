@@ -1,7 +1,7 @@
 """The LightningModule for instance segmentation: Mask R-CNN trained on slices, objects scored per case in 3D.
 
-It shares everything but the training step and the per-case scoring with ``SegmentationModule``: optimiser and
-schedule, encoder freezing, the case-level summary with intervals and the fairness audit. The merged label map
+It shares the optimiser and schedule, encoder freezing, the case-level summary with intervals and the fairness
+audit with the semantic module (``CaseModule``); its training step is Mask R-CNN's own losses. The merged label map
 of a case's objects is scored like a semantic prediction (``val/dice`` is its Dice, so checkpointing, sweeps,
 promotion gates and fairness work unchanged), and the objects themselves give ``instance/pq``, counts and AP.
 """
@@ -17,16 +17,16 @@ from medseg_lightning.config.schema import FairnessConfig, OptimizerConfig
 from medseg_lightning.evaluation.instance_metrics import MaskAP
 from medseg_lightning.evaluation.instance_scoring import score_instance_case
 from medseg_lightning.models.mask_rcnn import InstanceSegmentationModel
-from medseg_lightning.training.segmentation_module import SegmentationModule
+from medseg_lightning.training.case_module import CaseModule
 
 
-class InstanceModule(SegmentationModule):
+class InstanceModule(CaseModule):
     """Mask R-CNN's own losses (RPN and box/class/mask heads) in training; objects per case at evaluation."""
 
     def __init__(self, network: InstanceSegmentationModel, labels: dict[int, str], optimizer: OptimizerConfig,
                  score_threshold: float = 0.5, encoder_freeze_epochs: int = 0, encoder_lr_multiplier: float = 1.0,
                  inference_batch_size: int = 16, fairness: FairnessConfig | None = None) -> None:
-        super().__init__(network, torch.nn.Identity(), labels, optimizer, encoder_freeze_epochs=encoder_freeze_epochs,
+        super().__init__(network, labels, optimizer, encoder_freeze_epochs=encoder_freeze_epochs,
                          encoder_lr_multiplier=encoder_lr_multiplier, inference_batch_size=inference_batch_size,
                          fairness=fairness)
         self.score_threshold = score_threshold
@@ -44,9 +44,6 @@ class InstanceModule(SegmentationModule):
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        pass  # no per-slice semantic metrics: the losses are logged per epoch above
 
     def _score_cases(self, batch: list[dict[str, Any]], split: str) -> None:
         accumulator = self.mask_ap.setdefault(split, MaskAP())

@@ -1,4 +1,4 @@
-"""The LightningModule: trains a plain segmentation network on slices and scores whole cases in 3D.
+"""The LightningModule of semantic segmentation: trains a network on slices and scores whole cases in 3D.
 
 It receives the network, the loss and the optimiser settings; it knows nothing of files, MLflow or Optuna.
 Validation and test batches are whole cases: slices are predicted in chunks, re-stacked into the original voxel
@@ -7,30 +7,24 @@ grid and scored per case in physical spacing (the metrics users compare), then a
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from medseg_lightning.config.schema import FairnessConfig, OptimizerConfig
 from medseg_lightning.evaluation.metrics import SliceMetrics, name_metrics
-from medseg_lightning.evaluation.scoring import EvaluationReport, predict_labels, score_case, summarize
+from medseg_lightning.evaluation.scoring import predict_labels, score_case
+from medseg_lightning.training.case_module import CaseModule
 
 
-class SegmentationModule(pl.LightningModule):
-    """Slice-wise training, case-wise evaluation.
+class SegmentationModule(CaseModule):
+    """Slice-wise training with a loss over label maps, case-wise evaluation.
 
     Args:
-        network: ``(B, C, H, W) -> (B, num_classes, H, W)`` logits; its ``encoder`` attribute (if any) can be
-            frozen for the first ``encoder_freeze_epochs`` and gets ``lr * encoder_lr_multiplier``.
+        network: ``(B, C, H, W) -> (B, num_classes, H, W)`` logits (see ``CaseModule`` for the encoder).
         loss: ``(logits, target) -> scalar``.
-        labels: class index -> name, used in metric names (``val/dice/anterior``).
-        fairness: attributes audited at every validation and test pass (``val/fairness/sex/dice_gap``).
         channels_last: keep the network and its inputs in channels-last memory format, which oneDNN (CPU) and
             cuDNN (GPU, mixed precision) convolutions run faster on.
         keep_largest: classes of which only the largest 3D connected component is kept before scoring (the
@@ -54,37 +48,21 @@ class SegmentationModule(pl.LightningModule):
         keep_largest: list[int] | None = None,
         compile_network: bool = False,
     ) -> None:
-        super().__init__()
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.network = network.to(memory_format=self.memory_format)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        super().__init__(network.to(memory_format=memory_format), labels, optimizer,
+                         encoder_freeze_epochs=encoder_freeze_epochs, encoder_lr_multiplier=encoder_lr_multiplier,
+                         inference_batch_size=inference_batch_size, fairness=fairness)
+        self.memory_format = memory_format
         self.loss = loss
-        self.labels = dict(labels)
-        self.optimizer_config = optimizer
-        self.encoder_freeze_epochs = encoder_freeze_epochs
-        self.encoder_lr_multiplier = encoder_lr_multiplier
-        self.inference_batch_size = inference_batch_size
         self.overlay_cases = overlay_cases
-        self.fairness = fairness or FairnessConfig()
         self.keep_largest = keep_largest or []
         self.train_metrics = SliceMetrics(len(labels))
-        self.case_rows: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
-        self.reports: dict[str, EvaluationReport] = {}
         self.overlays: list[dict[str, Any]] = []
         # not a submodule: the checkpoint and the logged model hold the plain network's weights only
         self._compiled = {"network": torch.compile(self.network)} if compile_network else {}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.network(image.contiguous(memory_format=self.memory_format))
-
-    # --- training -------------------------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        encoder = getattr(self.network, "encoder", None)
-        if encoder is None or self.encoder_freeze_epochs == 0:
-            return
-        frozen = self.current_epoch < self.encoder_freeze_epochs
-        encoder.requires_grad_(not frozen)
-        if frozen:
-            encoder.eval()  # BatchNorm statistics stay those of the pretrained weights
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         network = self._compiled.get("network")
@@ -103,7 +81,6 @@ class SegmentationModule(pl.LightningModule):
         for key, value in name_metrics(values, self.labels).items():
             self.log(f"train/{key}", float(value), sync_dist=False)
 
-    # --- case-level evaluation -----------------------------------------------------------------------------
     def _score_cases(self, batch: list[dict[str, Any]], split: str) -> None:
         for item in batch:
             labels = predict_labels(self, item["image"], self.inference_batch_size)
@@ -112,90 +89,8 @@ class SegmentationModule(pl.LightningModule):
                 self.overlays.append(_overlay_sample(item, labels))
 
     def on_validation_epoch_start(self) -> None:
-        self.case_rows["val"] = []
+        super().on_validation_epoch_start()
         self.overlays = []
-
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._score_cases(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_case_metrics("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.case_rows["test"] = []
-
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._score_cases(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_case_metrics("test")
-
-    def _log_case_metrics(self, split: str) -> None:
-        """Summary, intervals and fairness of all ranks' cases, logged by every rank alike (no sync needed)."""
-        rows = _gather_rows(self.case_rows[split])
-        if not rows:
-            return
-        classes = [name for key, name in sorted(self.labels.items()) if key > 0]
-        report = summarize(rows, split, self.fairness, classes)
-        self.reports[split] = report
-        for key, value in report.metrics().items():
-            self.log(key, value, sync_dist=False, prog_bar=key == f"{split}/dice")
-
-    # --- optimisation --------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = self.optimizer_config
-        groups = _parameter_groups(self.network, config.lr, self.encoder_lr_multiplier)
-        if config.name == "sgd":
-            # Nesterov as nnU-Net; torch refuses it without momentum, and momentum 0 (plain SGD) is a valid setting
-            optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                                        nesterov=config.momentum > 0, weight_decay=config.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        if config.scheduler == "none":
-            return {"optimizer": optimizer}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if config.scheduler == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                            total_steps=total)
-        else:
-            warmup = int(total * config.warmup_epochs / max(1, self.trainer.max_epochs or 1))
-            factor = _schedule(config.scheduler, total, warmup, config.poly_power)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _schedule(name: str, total: int, warmup: int, power: float) -> Callable[[int], float]:
-    """Linear warm-up, then cosine or polynomial decay to zero over the remaining steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if name == "poly":
-            return (1 - progress) ** power
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _parameter_groups(network: nn.Module, lr: float, encoder_multiplier: float) -> list[dict[str, Any]]:
-    encoder = getattr(network, "encoder", None)
-    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
-    rest = [p for p in network.parameters() if id(p) not in encoder_ids]
-    groups = [{"params": rest, "lr": lr, "name": "decoder"}]
-    if encoder_ids:
-        groups.append({"params": list(encoder.parameters()), "lr": lr * encoder_multiplier, "name": "encoder"})
-    return groups
-
-
-def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All ranks' case rows, once per case (the distributed sampler pads by repeating cases)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
-    unique = {row["case_id"]: row for row in rows}
-    return [unique[key] for key in sorted(unique)]
 
 
 def _overlay_sample(item: dict[str, Any], prediction: np.ndarray) -> dict[str, Any]:

@@ -31,14 +31,13 @@ from medseg_lightning import tracking
 from medseg_lightning.config import config_to_yaml
 from medseg_lightning.config.protocol import configuration_hash, split_definition
 from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.evaluation.evaluate import SPLITS, RunContext, write_outputs
 from medseg_lightning.evaluation.scoring import split_group_counts
-from medseg_lightning.inference.bundle import build_network, predict_slices, save_bundle
-from medseg_lightning.inference.postprocess import classes_to_clean
+from medseg_lightning.inference.bundle import predict_slices, save_bundle
 from medseg_lightning.tracking.test_looks import SplitLooks, count_test_looks, record_test_look
-from medseg_lightning.training.losses import create_loss
-from medseg_lightning.training.segmentation_module import SegmentationModule
+from medseg_lightning.training.case_module import CaseModule
 from medseg_lightning.training.transfer import load_pretrained
 
 
@@ -112,13 +111,13 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None, resume
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")  # checks every case first: bad data fails here, before any model is built
-    if config.task == "instance":
-        config = with_anchor_sizes(config, datamodule)  # logged with the model, which is rebuilt from it
-    network = build_network(config, datamodule.in_channels, pretrained=config.model.pretrained == "timm")
+    task = task_of(config)
+    config = task.prepare(config, datamodule)  # logged with the model, which is rebuilt from it
+    network = task.build_network(config, datamodule.in_channels, pretrained=config.model.pretrained == "timm")
     report = load_pretrained(network, config.model.pretrained, root)
     if report:
         print(report)
-    module = _module(config, network)
+    module = task.lightning_module(config, network)
     logger = tracking.create_logger(config, root, resume_run_id=resume)
     checkpoints = root / "mlruns" / "checkpoints" / logger.run_id if logger.run_id else None
     checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor=config.trainer.monitor, mode=config.trainer.monitor_mode,
@@ -151,38 +150,6 @@ def _run(config: ExperimentConfig, root: Path | None, resume: str | None, resume
         _prune_checkpoints(checkpoints, checkpoint.best_model_path, config.trainer.keep_checkpoints)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _module(config: ExperimentConfig, network: torch.nn.Module) -> SegmentationModule:
-    """The LightningModule of the task: semantic (a loss over label maps) or instance (Mask R-CNN's losses)."""
-    shared = {"labels": config.data.labels, "optimizer": config.optimizer, "fairness": config.fairness,
-              "encoder_freeze_epochs": config.model.encoder_freeze_epochs,
-              "encoder_lr_multiplier": config.model.encoder_lr_multiplier,
-              "inference_batch_size": config.trainer.inference_batch_size}
-    if config.task == "instance":
-        from medseg_lightning.training.instance_module import InstanceModule
-
-        return InstanceModule(network, score_threshold=config.model.score_threshold, **shared)
-    loss = create_loss(config.loss.name, config.data.num_classes, class_weights=config.loss.class_weights,
-                       **config.loss.params)
-    keep = classes_to_clean(config.inference.largest_component, config.data.labels)
-    return SegmentationModule(network, loss, overlay_cases=config.tracking.log_overlays,
-                              channels_last=config.trainer.channels_last, keep_largest=keep,
-                              compile_network=config.trainer.compile, **shared)
-
-
-def with_anchor_sizes(config: ExperimentConfig, datamodule: SegmentationDataModule) -> ExperimentConfig:
-    """``model.anchor_sizes`` as configured, else spanning the training objects' sizes (see ``anchor_sizes_for``)."""
-    if config.model.anchor_sizes:
-        return config
-    from medseg_lightning.data.instances import box_sides
-    from medseg_lightning.models.mask_rcnn import anchor_sizes_for
-
-    cases = datamodule.dataset.split("train")
-    sides = box_sides([case.instances for case in cases if case.instances is not None])
-    sizes = anchor_sizes_for(sides, config.data.preprocessing.target_size or (64, 64))
-    print(f"anchor sizes from {len(sides)} training objects: {sizes} pixels")
-    return config.model_copy(update={"model": config.model.model_copy(update={"anchor_sizes": sizes})})
 
 
 def _quiet_library_chatter() -> None:
@@ -232,7 +199,7 @@ def _callbacks(config: ExperimentConfig, logger: Any) -> list[Callback]:
     return callbacks
 
 
-def _evaluate_best(trainer: pl.Trainer, module: SegmentationModule, datamodule: SegmentationDataModule,
+def _evaluate_best(trainer: pl.Trainer, module: CaseModule, datamodule: SegmentationDataModule,
                    test: bool = True) -> dict[str, float]:
     """Validation (and test, when the split has cases and ``test``) of the best checkpoint; its weights stay in
     ``module``."""
@@ -292,7 +259,7 @@ def _record_test_look(logger: Any, config: ExperimentConfig, datamodule: Segment
     return count_test_looks(logger.experiment, key, config_hash)
 
 
-def _log_outputs(logger: Any, module: SegmentationModule, datamodule: SegmentationDataModule,
+def _log_outputs(logger: Any, module: CaseModule, datamodule: SegmentationDataModule,
                  config: ExperimentConfig, best_checkpoint: str, root: Path,
                  test_looks: SplitLooks | None = None) -> str | None:
     """Reports and model card of the best model, the best checkpoint, and the model (safetensors + config)."""
