@@ -153,3 +153,60 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path, capsys: pytest.Ca
     assert main(["config", "show", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.typo" in err[0]
+
+
+def test_a_model_section_carries_only_the_fields_of_its_kind(tmp_path: Path) -> None:
+    """A U-Net config cannot carry detector fields (nor Mask R-CNN decoder ones); the error says whose they are."""
+    quickstart, detector = REPO / "experiments/quickstart.yaml", REPO / "experiments/quickstart_mask_rcnn.yaml"
+    with pytest.raises(ConfigError, match=r"--set: model: fpn_channels: only for arch mask_rcnn; this model's arch "
+                                          r"is 'unet'"):
+        load_config(quickstart, ["model.fpn_channels=64"])
+    with pytest.raises(ConfigError, match=r"model: size_mismatch: only for decoder architectures"):
+        load_config(detector, ["model.size_mismatch=error"])
+    with pytest.raises(ConfigError, match=r"--set: model.size_mismatch: Input should be 'pad' or 'error'"):
+        load_config(quickstart, ["model.size_mismatch=crop"])  # the key path has no union tag in it
+    assert "fpn_channels" not in config_to_yaml(load_config(quickstart))
+    assert load_config(detector, ["model.fpn_channels=32"]).model.fpn_channels == 32
+    # A file that switches its base's arch to the other kind does not inherit the base's detector fields.
+    base = REPO / "experiments/touching_mask_rcnn.yaml"  # fpn_channels: 64
+    child = _write(tmp_path / "child.yaml", {"base": str(base), "name": "child", "task": "semantic",
+                                              "model": {"arch": "fcn"}, "trainer": {"monitor": "val/dice"}})
+    model = load_config(child).model
+    assert (model.arch, model.encoder) == ("fcn", load_config(base).model.encoder)
+    assert not hasattr(model, "fpn_channels")
+
+
+def test_a_model_section_written_before_the_union_still_loads() -> None:
+    """model.yaml files logged before the union hold every model field at its default: they load unchanged."""
+    from medseg_lightning.config.schema import ExperimentConfig
+
+    config = load_config(REPO / "experiments/quickstart.yaml")
+    old = config.model_dump(mode="json")
+    old["model"] |= {"anchor_sizes": None, "fpn_channels": 256, "detections_per_image": 100, "score_threshold": 0.5}
+    assert ExperimentConfig.model_validate(old) == config
+    old["model"]["fpn_channels"] = 64  # a value that meant something: refused, not dropped
+    with pytest.raises(ValueError, match="fpn_channels: only for arch mask_rcnn"):
+        ExperimentConfig.model_validate(old)
+
+
+# Made with the single model section (before the union): studies, test-look counts and resumed sweeps find their
+# runs by these hashes, so the union must not change them.
+HASHES_BEFORE_THE_UNION = {
+    "hippocampus_unet": "9d09a1fe90990f0f", "lgg_crosssite": "53da4046f108044d", "lgg_flair": "72915e1cdbf2c3f0",
+    "quickstart": "bc7ec2aa4eca41fb", "quickstart_mask_rcnn": "52b32640f5585806",
+    "synthetic_fairness": "a8b5d72cda6fe3ca", "touching_mask_rcnn": "0ea596c0695c3f11",
+}
+STUDY_HASHES_BEFORE_THE_UNION = {"quickstart": "4250b766397d7ee9", "quickstart_mask_rcnn": "14b89e50c4b7016f"}
+
+
+@pytest.mark.parametrize("name", sorted(HASHES_BEFORE_THE_UNION))
+def test_the_model_union_keeps_the_configuration_and_study_hashes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg_lightning.config.protocol import configuration_hash
+    from medseg_lightning.studies.children import config_hash
+
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", "/data-root")
+    path = REPO / "experiments" / f"{name}.yaml"
+    assert configuration_hash(load_config(path)) == HASHES_BEFORE_THE_UNION[name]
+    if name in STUDY_HASHES_BEFORE_THE_UNION:  # the study hash includes the data's folder: pinned for one
+        config = load_config(path, ["data.source=/fixed/data", "data.cache_dir=/fixed/cache"])
+        assert config_hash(config) == STUDY_HASHES_BEFORE_THE_UNION[name]

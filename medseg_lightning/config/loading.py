@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.config.schema import ExperimentConfig, inherited_model_fields
 
 _ENV_PATTERN = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -49,17 +50,21 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), schema: type[Ba
     for source in sources:
         raw = source.data
         source.data = _expand_env(raw, source.label, problems)
-        _resolve_paths(source.data, schema, source.root, raw)
-        problems += _unknown_keys(source.data, schema, source.label)
+        _resolve_paths(source.data, schema.model_fields, source.root, raw)
+        problems += _unknown_keys(source.data, schema.model_fields, source.label)
     if problems:
         raise ConfigError("\n".join(problems))
     merged: dict[str, Any] = {}
     for source in sources:
+        if schema is ExperimentConfig and isinstance(merged.get("model"), dict) and isinstance(
+                source.data.get("model"), dict):
+            merged["model"] = inherited_model_fields(merged["model"], source.data["model"])
         merged = _deep_merge(merged, source.data)
     try:
         return schema.model_validate(merged)
     except ValidationError as error:
-        raise ConfigError("\n".join(_describe(err, sources) for err in _relevant(error.errors()))) from None
+        errors = [{**err, "loc": _without_union_tags(err["loc"], schema.model_fields)} for err in error.errors()]
+        raise ConfigError("\n".join(_describe(err, sources) for err in _relevant(errors))) from None
 
 
 def config_to_yaml(config: BaseModel, exclude_none: bool = False) -> str:
@@ -136,30 +141,40 @@ def _expand_env(value: Any, label: str, problems: list[str], key: str = "") -> A
     return _ENV_PATTERN.sub(substitute, value)
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The config section class inside an annotation such as ``X | None``, if any."""
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config section classes inside an annotation such as ``X | None`` or a tagged union of sections."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _sections_in(typing.get_args(annotation)[0])
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
+        return [section for arg in typing.get_args(annotation) for section in _sections_in(arg)]
+    return []
+
+
+def _fields_in(annotation: Any) -> dict[str, FieldInfo] | None:
+    """The fields a section may hold (of any of its kinds, for a union: which kind is checked on validation)."""
+    sections = _sections_in(annotation)
+    if not sections:
+        return None
+    fields: dict[str, FieldInfo] = {}
+    for section in sections:
+        fields |= {name: field for name, field in section.model_fields.items() if name not in fields}
+    return fields
 
 
 def _is_path(annotation: Any) -> bool:
     return annotation is Path or any(_is_path(arg) for arg in typing.get_args(annotation))
 
 
-def _resolve_paths(data: dict[str, Any], schema: type[BaseModel], root: Path, raw: dict[str, Any]) -> None:
+def _resolve_paths(data: dict[str, Any], fields: dict[str, FieldInfo], root: Path, raw: dict[str, Any]) -> None:
     """Relative paths start at the file's folder; a path that starts with an environment variable holding a
     relative path (``MEDSEG_DATA_ROOT=../data``) starts at the working directory, as it would in a shell."""
     for key, value in data.items():
-        field = schema.model_fields.get(key)
+        field = fields.get(key)
         if field is None:
             continue
-        section = _model_in(field.annotation)
+        section = _fields_in(field.annotation)
         raw_value = raw.get(key) if isinstance(raw, dict) else None
         if section is not None and isinstance(value, dict):
             _resolve_paths(value, section, root, raw_value if isinstance(raw_value, dict) else {})
@@ -168,21 +183,21 @@ def _resolve_paths(data: dict[str, Any], schema: type[BaseModel], root: Path, ra
             data[key] = str((Path.cwd() if from_env else root) / value)
 
 
-def _unknown_keys(data: dict[str, Any], schema: type[BaseModel], label: str, prefix: str = "") -> list[str]:
+def _unknown_keys(data: dict[str, Any], fields: dict[str, FieldInfo], label: str, prefix: str = "") -> list[str]:
     problems = []
     for key, value in data.items():
-        field = schema.model_fields.get(key)
+        field = fields.get(key)
         where = f"{prefix}{key}"
         if field is None:
-            close = difflib.get_close_matches(str(key), list(schema.model_fields), n=1)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             section = f"under '{prefix[:-1]}'" if prefix else "at the top level"
-            valid = ", ".join(schema.model_fields)
+            valid = ", ".join(fields)
             problems.append(f"{label}: unknown key '{where}'{hint} valid keys {section}: {valid}")
             continue
-        section_model = _model_in(field.annotation)
-        if section_model is not None and isinstance(value, dict):
-            problems += _unknown_keys(value, section_model, label, f"{where}.")
+        section_fields = _fields_in(field.annotation)
+        if section_fields is not None and isinstance(value, dict):
+            problems += _unknown_keys(value, section_fields, label, f"{where}.")
     return problems
 
 
@@ -197,6 +212,18 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 _UNION_MISMATCH = {"list_type", "model_type", "model_attributes_type", "dict_type"}
+
+
+def _without_union_tags(loc: tuple[Any, ...], fields: dict[str, FieldInfo] | None) -> tuple[Any, ...]:
+    """``loc`` without the tag pydantic inserts after a tagged union of sections (``model.decoder.x``: model.x)."""
+    kept: list[Any] = []
+    for part in loc:
+        field = fields.get(str(part)) if fields is not None else None
+        if field is None and fields is not None and kept and len(_sections_in(kept[-1][1])) > 1:
+            continue  # the union member's tag: the next part names a field again
+        kept.append((part, field.annotation if field is not None else None))
+        fields = _fields_in(field.annotation) if field is not None else None
+    return tuple(part for part, _ in kept)
 
 
 def _relevant(errors: list[Any]) -> list[Any]:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from medseg_lightning.config.schema import ExperimentConfig, SplitConfig
+from medseg_lightning.config.schema import ExperimentConfig, SplitConfig, hashed_model_settings
 
 
 def configuration_hash(config: ExperimentConfig) -> str:
@@ -28,7 +28,7 @@ def configuration_hash(config: ExperimentConfig) -> str:
         data["attributes"]["table"] = config.data.attributes.table.name  # no machine's folders in the hash
     if config.data.split.file is not None:
         data["split"]["file"] = config.data.split.file.name
-    settings = {"task": config.task, "data": data, "model": config.model.model_dump(mode="json"),
+    settings = {"task": config.task, "data": data, "model": hashed_model_settings(config.model),
                 "loss": config.loss.model_dump(mode="json"), "optimizer": config.optimizer.model_dump(mode="json"),
                 "trainer": trainer, "inference": config.inference.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(_without_none(settings), sort_keys=True).encode()).hexdigest()[:16]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from medseg_lightning.config.registry import unknown_name_message
 from medseg_lightning.config.selection import check_selection_metric
@@ -210,25 +210,96 @@ class DataConfig(StrictModel):
         return len(self.labels)
 
 
-class ModelConfig(StrictModel):
-    """The network: a registered decoder architecture on any timm encoder."""
+class _NetworkConfig(StrictModel):
+    """What every network has: a timm encoder, where its weights come from, how it is fine-tuned."""
 
-    arch: str = Field("unet", description="decoder architecture: unet, fcn, segnet, ...")
+    arch: str = Field(description="the network's architecture")  # each kind narrows it; declared here to come first
     encoder: str = Field("resnet18", description="any timm model name usable with features_only")
     pretrained: str = Field(
         "none", description="none, timm (hub or local HF cache), a .safetensors/.pth file, runs:/ID or models:/NAME/V"
     )
+    encoder_freeze_epochs: int = Field(0, ge=0, description="epochs with a frozen encoder (BatchNorm statistics too)")
+    encoder_lr_multiplier: float = Field(1.0, gt=0, description="encoder learning rate = lr x this")
+
+
+class DecoderModelConfig(_NetworkConfig):
+    """A registered decoder architecture (unet, fcn, segnet, ...) on the encoder: a label per pixel."""
+
+    arch: str = Field("unet", description="decoder architecture: unet, fcn, segnet, ... (mask_rcnn: see below)")
     decoder_channels: list[int] | None = Field(None, description="decoder widths; null derives them from the encoder")
     size_mismatch: Literal["pad", "error"] = Field(
         "pad", description="inputs not divisible by the encoder stride: pad and crop back, or raise"
     )
-    encoder_freeze_epochs: int = Field(0, ge=0, description="epochs with a frozen encoder (BatchNorm statistics too)")
-    encoder_lr_multiplier: float = Field(1.0, gt=0, description="encoder learning rate = lr x this")
+
+
+class MaskRCNNModelConfig(_NetworkConfig):
+    """Mask R-CNN on the encoder's feature pyramid: separate objects (``task: instance``)."""
+
+    arch: Literal["mask_rcnn"] = Field(description="mask_rcnn: torchvision's Mask R-CNN heads on the encoder")
     anchor_sizes: list[int] | None = Field(
-        None, description="mask_rcnn: anchor size (pixels) per pyramid level (5); null: from the training objects")
-    fpn_channels: int = Field(256, ge=8, description="mask_rcnn: feature pyramid width")
-    detections_per_image: int = Field(100, ge=1, description="mask_rcnn: most objects kept per slice")
-    score_threshold: float = Field(0.5, ge=0, le=1, description="mask_rcnn: detections below this score are dropped")
+        None, description="anchor size (pixels) per pyramid level (5); null: from the training objects")
+    fpn_channels: int = Field(256, ge=8, description="feature pyramid width")
+    detections_per_image: int = Field(100, ge=1, description="most objects kept per slice")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="detections below this score are dropped")
+
+
+def _model_kind(value: Any) -> str:
+    """The union's tag from ``arch``: the decoder architectures are an open registry, so no Literal can list them."""
+    arch = value.get("arch", "unet") if isinstance(value, dict) else getattr(value, "arch", "unet")
+    return "mask_rcnn" if arch == "mask_rcnn" else "decoder"
+
+
+# The model section: a U-Net config cannot carry detector fields, nor a Mask R-CNN one decoder fields.
+ModelConfig = Annotated[
+    Annotated[DecoderModelConfig, Tag("decoder")] | Annotated[MaskRCNNModelConfig, Tag("mask_rcnn")],
+    Discriminator(_model_kind),
+]
+
+# Before the union, one model section carried every field (in this order, with these defaults) for every model.
+# Models logged then hold all of them in their model.yaml, and the config and study hashes were computed over
+# them: ``_drop_unused_defaults`` keeps those files loadable, ``hashed_model_settings`` those hashes unchanged.
+_SINGLE_SECTION_DEFAULTS: dict[str, Any] = {
+    "arch": "unet", "encoder": "resnet18", "pretrained": "none", "decoder_channels": None, "size_mismatch": "pad",
+    "encoder_freeze_epochs": 0, "encoder_lr_multiplier": 1.0, "anchor_sizes": None, "fpn_channels": 256,
+    "detections_per_image": 100, "score_threshold": 0.5,
+}
+
+
+def _variant(kind: str) -> type[_NetworkConfig]:
+    return MaskRCNNModelConfig if kind == "mask_rcnn" else DecoderModelConfig
+
+
+def inherited_model_fields(inherited: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """What a file or ``--set`` that sets ``update`` keeps of the model section before it: everything, except
+    that an ``arch`` of the other kind (unet on a mask_rcnn base) does not inherit the old kind's own fields."""
+    new_kind = _model_kind(update)
+    if "arch" not in update or new_kind == _model_kind(inherited):
+        return inherited
+    own = set(_variant(new_kind).model_fields)
+    return {key: value for key, value in inherited.items() if key in own}
+
+
+def _drop_unused_defaults(model: Any) -> Any:
+    """The model section without the other kind's fields where they hold the single section's defaults (what a
+    model logged before the union wrote); any other value of such a field is refused, saying whose field it is."""
+    if not isinstance(model, dict):
+        return model
+    kind = _model_kind(model)
+    unused = set(_SINGLE_SECTION_DEFAULTS) - set(_variant(kind).model_fields)
+    misplaced = sorted(key for key in unused & set(model) if model[key] != _SINGLE_SECTION_DEFAULTS[key])
+    if misplaced:
+        owner = "decoder architectures (unet, fcn, segnet, ...)" if kind == "mask_rcnn" else "arch mask_rcnn"
+        raise ValueError(f"{', '.join(misplaced)}: only for {owner}; this model's arch is "
+                         f"{model.get('arch', 'unet')!r}")
+    return {key: value for key, value in model.items() if key not in unused}
+
+
+def hashed_model_settings(model: DecoderModelConfig | MaskRCNNModelConfig) -> dict[str, Any]:
+    """The model section as the config hashes see it: the single section's fields in its order (the other kind's
+    at their defaults), then any field added since, so that every earlier hash stays what it was."""
+    dumped = model.model_dump(mode="json")
+    return ({key: dumped.get(key, default) for key, default in _SINGLE_SECTION_DEFAULTS.items()}
+            | {key: value for key, value in dumped.items() if key not in _SINGLE_SECTION_DEFAULTS})
 
 
 class LossConfig(StrictModel):
@@ -375,7 +446,8 @@ class ExperimentConfig(StrictModel):
         "semantic", description="semantic: a label per pixel; instance: separate objects (arch: mask_rcnn); or a "
         "task another package registers (see config/tasks.py)")
     data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=DecoderModelConfig,
+                               description="the network; its fields depend on arch (decoder or mask_rcnn)")
     loss: LossConfig = Field(default_factory=LossConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -384,6 +456,11 @@ class ExperimentConfig(StrictModel):
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_fields_of_its_kind(cls, value: Any) -> Any:
+        return _drop_unused_defaults(value)
 
     @field_validator("task")
     @classmethod

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from medseg_lightning.config import config_to_yaml
 from medseg_lightning.config.protocol import configuration_hash
-from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.config.schema import ExperimentConfig, hashed_model_settings
 from medseg_lightning.evaluation.evaluate import RunContext, write_outputs
 from medseg_lightning.evaluation.fairness import group_counts
 from medseg_lightning.evaluation.scoring import EvaluationReport
@@ -67,8 +68,9 @@ def config_hash(config: ExperimentConfig) -> str:
     """
     data = config.data.model_copy(update={"split": config.data.split.model_copy(update={"fold": 0})})
     tracking = config.tracking.model_copy(update={"tags": {}, "run_name": None})
-    neutral = config.model_copy(update={"data": data, "tracking": tracking})
-    return hashlib.sha256(config_to_yaml(neutral, exclude_none=True).encode()).hexdigest()[:16]
+    neutral = config.model_copy(update={"data": data, "tracking": tracking}).model_dump(mode="json", exclude_none=True)
+    neutral["model"] = {key: value for key, value in hashed_model_settings(config.model).items() if value is not None}
+    return hashlib.sha256(yaml.safe_dump(neutral, sort_keys=False, allow_unicode=True).encode()).hexdigest()[:16]
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.config.schema import ExperimentConfig, MaskRCNNModelConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.instances import Objects, box_sides
 from medseg_lightning.data.io import Volume
@@ -26,6 +26,13 @@ from medseg_lightning.training.instance_module import InstanceModule
 DEFAULT_IMAGE_SIZE = (64, 64)
 
 
+def detector_settings(config: ExperimentConfig) -> MaskRCNNModelConfig:
+    """The model section of an instance config (the schema pairs ``task: instance`` with ``arch: mask_rcnn``)."""
+    if not isinstance(config.model, MaskRCNNModelConfig):
+        raise TypeError(f"task 'instance' needs model.arch mask_rcnn, got {config.model.arch!r}")
+    return config.model
+
+
 class InstanceTask:
     """Detections, not logits: a model predicts alone (no ensemble, no TTA), unfolded, served but not exported."""
 
@@ -37,16 +44,17 @@ class InstanceTask:
 
     def prepare(self, config: ExperimentConfig, datamodule: SegmentationDataModule) -> ExperimentConfig:
         """``model.anchor_sizes`` as configured, else spanning the training objects' sizes (``anchor_sizes_for``)."""
-        if config.model.anchor_sizes:
+        model = detector_settings(config)
+        if model.anchor_sizes:
             return config
         cases = datamodule.dataset.split("train")
         sides = box_sides([case.instances for case in cases if case.instances is not None])
         sizes = anchor_sizes_for(sides, config.data.preprocessing.target_size or DEFAULT_IMAGE_SIZE)
         print(f"anchor sizes from {len(sides)} training objects: {sizes} pixels")
-        return config.model_copy(update={"model": config.model.model_copy(update={"anchor_sizes": sizes})})
+        return config.model_copy(update={"model": model.model_copy(update={"anchor_sizes": sizes})})
 
     def build_network(self, config: ExperimentConfig, in_channels: int, pretrained: bool) -> nn.Module:
-        model = config.model
+        model = detector_settings(config)
         return create_mask_rcnn(model.encoder, in_channels, config.data.num_classes,
                                 config.data.preprocessing.target_size or DEFAULT_IMAGE_SIZE, model.anchor_sizes,
                                 pretrained=pretrained, fpn_channels=model.fpn_channels,
@@ -55,7 +63,7 @@ class InstanceTask:
 
     def lightning_module(self, config: ExperimentConfig, network: nn.Module) -> InstanceModule:
         return InstanceModule(network, config.data.labels, config.optimizer,
-                              score_threshold=config.model.score_threshold,
+                              score_threshold=detector_settings(config).score_threshold,
                               encoder_freeze_epochs=config.model.encoder_freeze_epochs,
                               encoder_lr_multiplier=config.model.encoder_lr_multiplier,
                               inference_batch_size=config.trainer.inference_batch_size, fairness=config.fairness)
@@ -63,19 +71,21 @@ class InstanceTask:
     def predict_slices(self, network: nn.Module, config: ExperimentConfig, slices: torch.Tensor) -> np.ndarray:
         """An instance-label map per slice (int32, ids unique within the call)."""
         detections = detect_slices(network, slices, max(1, len(slices)))
-        return paint_slices(detections, tuple(slices.shape[-2:]), config.model.score_threshold).ids
+        return paint_slices(detections, tuple(slices.shape[-2:]), detector_settings(config).score_threshold).ids
 
     def evaluate(self, network: nn.Module, cases: Any, split: str, config: ExperimentConfig) -> EvaluationReport:
         labels, batch = dict(config.data.labels), config.trainer.inference_batch_size
+        threshold = detector_settings(config).score_threshold
         return evaluate_instance_cases(
-            cases, split, config,
-            lambda item: score_instance_case(network, item, labels, batch, config.model.score_threshold))
+            cases, split, config, lambda item: score_instance_case(network, item, labels, batch, threshold))
 
     def write_prediction(self, predictor: Predictor, volume: Volume, case: PredictInput, reference: Any,
                          out_dir: Path) -> tuple[Path, np.ndarray]:
         """The instance map and the object table; the merged label map for the overlay."""
         slices, meta = predictor.preprocessed_slices(volume, case.name)
-        min_score = predictor.min_score if predictor.min_score is not None else predictor.config.model.score_threshold
+        min_score = predictor.min_score
+        if min_score is None:
+            min_score = detector_settings(predictor.config).score_threshold
         network = predictor.networks[0]
         network.detector.roi_heads.score_thresh = min_score  # the detector drops low scores before its mask head
         detections = detect_slices(network, slices, predictor.batch_size)

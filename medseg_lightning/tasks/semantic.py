@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.config.schema import DecoderModelConfig, ExperimentConfig
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.io import Volume
 from medseg_lightning.evaluation.instance_scoring import evaluate_instance_cases, score_components_case
@@ -38,6 +38,8 @@ class SemanticTask:
 
     def build_network(self, config: ExperimentConfig, in_channels: int, pretrained: bool) -> nn.Module:
         model = config.model
+        if not isinstance(model, DecoderModelConfig):
+            raise TypeError(f"task 'semantic' needs a decoder architecture, got model.arch {model.arch!r}")
         return create_model(model.arch, model.encoder, in_channels, config.data.num_classes, pretrained=pretrained,
                             decoder_channels=model.decoder_channels, size_mismatch=model.size_mismatch)
 
