@@ -170,3 +170,41 @@ def test_no_machine_paths_or_run_ids(page):
     text = page.read_text()
     assert not MACHINE_PATH.search(text), f"{page}: an absolute machine path: {MACHINE_PATH.search(text)[0]}"
     assert not RUN_ID.search(text), f"{page}: an MLflow run id: {RUN_ID.search(text)[0]}"
+
+
+YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.M | re.S)
+SHIPPED_FILE = re.compile(r"^# ((?:experiments|sweeps)/[\w.-]+\.yaml)\n")
+
+
+def _yaml_blocks() -> list[tuple[str, str]]:
+    return [(f"{path.relative_to(ROOT)}#{number}", block) for path in _pages()
+            for number, block in enumerate(YAML_BLOCK.findall(path.read_text()), 1)]
+
+
+def test_the_docs_have_yaml_snippets():
+    assert len(_yaml_blocks()) >= 5
+
+
+@pytest.mark.parametrize(("where", "block"), _yaml_blocks(), ids=[where for where, _ in _yaml_blocks()])
+def test_every_yaml_snippet_loads(where, block, tmp_path, monkeypatch):
+    """A snippet headed by a shipped file's name is that file (and it loads); a snippet that names no experiment
+    (`name:`) is a fragment, loaded on top of the quickstart experiment as its `base:`."""
+    import yaml
+
+    from medseg_lightning.config import load_config
+    from medseg_lightning.sweep.config import load_sweep
+
+    monkeypatch.setenv("MEDSEG_DATA_ROOT", str(tmp_path))
+    data = yaml.safe_load(block)
+    assert isinstance(data, dict), where
+    shipped = SHIPPED_FILE.match(block)
+    if shipped:
+        file = ROOT / shipped[1]
+        assert yaml.safe_load(file.read_text()) == data, f"{where} differs from {shipped[1]}"
+        load_sweep(file) if "space" in data else load_config(file)
+        return
+    if "name" not in data:
+        data["base"] = str(ROOT / "experiments" / "quickstart.yaml")
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(yaml.safe_dump(data))
+    load_config(snippet)
