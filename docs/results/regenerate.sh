@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates every results table of README.md and docs/results/*.md from the MLflow store (the project's
-# mlruns/, or $MLFLOW_TRACKING_URI), after the commands each table names have run. Nothing in a results section
+# Regenerates every results table of README.md, docs/results/*.md and docs/benchmarks.md from the MLflow store
+# (the project's mlruns/, or $MLFLOW_TRACKING_URI), after the commands each table names have run. Nothing in a results section
 # is typed by hand: rerun this after new runs and commit the changed pages.
 #
 #   docs/results/regenerate.sh               tables from the tracking store (seconds)
@@ -25,17 +25,19 @@ dev='params.`trainer.evaluate_test` = '"'"'False'"'"''
 # MSD Hippocampus: the settings chosen on fold 0's validation split, then the 5-fold cross-validation
 table docs/results/hippocampus.md:selection --experiment hippocampus_unet --kind training --split val --filter "$dev"
 table docs/results/hippocampus.md:cv --experiment hippocampus_unet --kind cross-validation
+table docs/results/index.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
 table README.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
 
 # LGG brain MRI: selection on fold 0's validation patients, the 5-fold cross-validation
 table docs/results/lgg.md:selection --experiment lgg_flair --kind training --split val --filter "$dev"
 table docs/results/lgg.md:cv --experiment lgg_flair --kind cross-validation
+table docs/results/index.md:lgg-cv --experiment lgg_flair --kind cross-validation
 table README.md:lgg-cv --experiment lgg_flair --kind cross-validation
 table docs/results/lgg.md:crosssite --experiment lgg_crosssite --kind cross-site
 
 # Instance segmentation
-table README.md:touching --experiment touching_mask_rcnn
-table README.md:hippocampus-objects --experiment quickstart_mask_rcnn --experiment quickstart --kind training
+table docs/results/instance-segmentation.md:touching --experiment touching_mask_rcnn
+table docs/results/instance-segmentation.md:hippocampus-objects --experiment quickstart_mask_rcnn --experiment quickstart --kind training
 
 if [[ "${1:-}" == "--benchmarks" ]]; then
   bench() {  # bench FILE:BLOCK command...
@@ -53,7 +55,7 @@ insert_between_markers(Path(file), block, sys.stdin.read())' "$target"
       echo "skipped $target: the benchmark failed" >&2
     fi
   }
-  bench README.md:train-overhead "$PYTHON" benchmarks/train_step_overhead.py --steps 30 --repeats 2 --channels-last
-  bench README.md:train-throughput "$PYTHON" benchmarks/train_throughput.py --steps 30 --repeats 2
-  bench README.md:inference-speed "$PYTHON" benchmarks/inference_speed.py --cases 40 --repeats 3
+  bench docs/benchmarks.md:train-overhead "$PYTHON" benchmarks/train_step_overhead.py --steps 30 --repeats 2 --channels-last
+  bench docs/benchmarks.md:train-throughput "$PYTHON" benchmarks/train_throughput.py --steps 30 --repeats 2
+  bench docs/benchmarks.md:inference-speed "$PYTHON" benchmarks/inference_speed.py --cases 40 --repeats 3
 fi

@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True,
                           help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a saved model folder")
     evaluate.add_argument("--data", type=Path, required=True, help="experiment YAML whose data (and fairness) to use")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to evaluate")
     evaluate.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
                           help="keep only the largest connected component per class, or not (default: the model's)")
     _add_set(evaluate, "override a field of the --data experiment (repeatable)")
@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report: inspect it)",
                              description="medseg sweep SWEEP.yaml | medseg sweep status SWEEP.yaml | "
                                          "medseg sweep report SWEEP.yaml")
-    sweep.add_argument("target", nargs="+", metavar="[status|report] SWEEP.yaml")
+    sweep.add_argument("target", nargs="+", metavar="[status|report] SWEEP.yaml",
+                       help="a sweep file (run or resume the study), or status/report and a sweep file")
     sweep.add_argument("--jobs", type=int, help="trials at once on this machine (default: the sweep's jobs)")
     _add_set(sweep, "override a field of the sweep file, e.g. --set n_trials=10 (repeatable)")
     sweep.set_defaults(handler=_sweep)
@@ -352,14 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     gc.set_defaults(handler=_gc)
 
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="address the UI listens on")
+    ui.add_argument("--port", type=int, default=5000, help="port the UI listens on")
     ui.set_defaults(handler=_ui)
 
     data = verbs.add_parser("data", help="build manifests, check and prepare data, make synthetic cohorts")
     actions = data.add_subparsers(dest="action", required=True)
     manifest = actions.add_parser("manifest", help="write manifest.csv for an MSD or images/masks folder")
-    manifest.add_argument("folder", type=Path)
+    manifest.add_argument("folder", type=Path, help="dataset folder: imagesTr/ + labelsTr/, images/ + masks/, or "
+                          "slice folders")
     manifest.add_argument("--out", type=Path, help="manifest path (default: FOLDER/manifest.csv)")
     manifest.add_argument("--force", action="store_true", help="replace an existing manifest")
     manifest.set_defaults(handler=_data_manifest)
@@ -371,15 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, help="fingerprint JSON (default: data/prepared/NAME.fingerprint.json)")
     prepare.set_defaults(handler=_data_prepare)
     synth = actions.add_parser("synth", help="write a synthetic NIfTI cohort with demographic attributes")
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--cases", type=int, default=40)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True, help="folder to write the cohort to")
+    synth.add_argument("--cases", type=int, default=40, help="number of cases")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                        help="volume shape (default 48 48 32; with --instances 64 64 6)")
     synth.add_argument("--instances", action="store_true",
                        help="touching objects with instance ids (instancesTr/, manifest column 'instances')")
     synth.add_argument("--hard-group", help="make one group harder, e.g. sex=F or site=B:0.5 (severity)")
-    synth.add_argument("--cases-per-subject", type=int, default=1)
+    synth.add_argument("--cases-per-subject", type=int, default=1, help="scans per synthetic patient")
     synth.add_argument("--force", action="store_true", help="replace the files of an existing cohort in --out")
     synth.set_defaults(handler=_data_synth)
     return parser

@@ -168,7 +168,8 @@ def add_model_commands(verbs: Any) -> None:
     promote.add_argument("--alias", default="champion", help="alias for the new version (default: champion)")
     promote.add_argument("--split", choices=["test", "val"], help="split the gates read (default: the config's)")
     promote.add_argument("--min-dice", type=float, help="gate: minimum mean case Dice")
-    promote.add_argument("--min-class-dice", action="append", default=[], metavar="CLASS=DICE")
+    promote.add_argument("--min-class-dice", action="append", default=[], metavar="CLASS=DICE",
+                         help="gate: minimum Dice of a class, e.g. anterior=0.8 (repeatable)")
     promote.add_argument("--max-gap", action="append", default=[], metavar="ATTRIBUTE=GAP",
                          help="gate: maximum fairness Dice gap of an audited attribute")
     promote.add_argument("--min-cases", type=int, help="gate: minimum number of evaluated cases")
@@ -179,12 +180,12 @@ def add_model_commands(verbs: Any) -> None:
 
     models = verbs.add_parser("models", help="registered models").add_subparsers(dest="action", required=True)
     listing = models.add_parser("list", help="versions, aliases, test Dice and gate results of a model")
-    listing.add_argument("name")
+    listing.add_argument("name", help="registered model name")
     listing.set_defaults(handler=_models_list)
 
     export = verbs.add_parser("export", help="export a model to ONNX (weights, labels and preprocessing inside)")
     export.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID or a saved model folder")
-    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--force", action="store_true", help="replace an existing --out file")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")

@@ -29,7 +29,9 @@ class IntensityConfig(StrictModel):
     window is kept), ``percentile`` clips outliers then rescales to [0, 1].
     """
 
-    method: Literal["zscore", "percentile", "ct_window", "minmax", "none"] = "zscore"
+    method: Literal["zscore", "percentile", "ct_window", "minmax", "none"] = Field(
+        "zscore", description="zscore (per case; MRI), percentile (clip, then scale to [0, 1]), ct_window (a fixed "
+        "window in HU, scaled to [0, 1]; CT), minmax (scale to [0, 1]) or none")
     window: tuple[float, float] | None = Field(None, description="ct_window: lower and upper value, e.g. [-100, 400]")
     percentiles: tuple[float, float] = Field((0.5, 99.5), description="percentile: clipping percentiles")
     nonzero_only: bool = Field(False, description="zscore: statistics over non-zero voxels only (skull-stripped MRI)")
@@ -87,14 +89,16 @@ class SlicingConfig(StrictModel):
 class SplitConfig(StrictModel):
     """Subject-level train/val/test split: cases of one subject never land in two splits."""
 
-    method: Literal["kfold", "file", "leave_group_out"] = "kfold"
-    n_folds: int = Field(5, ge=2)
-    fold: int = Field(0, ge=0)
+    method: Literal["kfold", "file", "leave_group_out"] = Field(
+        "kfold", description="kfold: folds over subjects; file: the split read from a CSV (file); leave_group_out: "
+        "test = every subject of one group (held_out_group of group_attribute), val = val_fraction of the others")
+    n_folds: int = Field(5, ge=2, description="kfold: number of folds over subjects")
+    fold: int = Field(0, ge=0, description="kfold: the held-out fold")
     holdout: Literal["val", "test"] = Field("val", description="the role of the held-out fold")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="holdout=test: share of the rest used for val")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="holdout=val: share of subjects kept for test")
     stratify_by: str | None = Field(None, description="attribute column whose groups are spread evenly over folds")
-    seed: int = 0
+    seed: int = Field(0, description="the same seed always gives the same split")
     file: Path | None = Field(None, description="method=file: CSV with columns subject_id (or case_id) and split")
     group_attribute: str | None = Field(None, description="leave_group_out: the attribute, e.g. site")
     held_out_group: str | None = Field(None, description="leave_group_out: its value whose subjects are the test set")
@@ -122,10 +126,10 @@ class AugmentationConfig(StrictModel):
 class LoaderConfig(StrictModel):
     """DataLoader settings."""
 
-    batch_size: int = Field(16, ge=1)
-    num_workers: int = Field(2, ge=0)
+    batch_size: int = Field(16, ge=1, description="training slices per batch")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
     pin_memory: bool | None = Field(None, description="null: pin when a GPU is present")
-    persistent_workers: bool = True
+    persistent_workers: bool = Field(True, description="keep the DataLoader workers alive between epochs")
 
 
 class AttributeColumn(StrictModel):
@@ -177,14 +181,17 @@ class DataConfig(StrictModel):
 
     source: Path = Field(description="a manifest CSV, or a dataset folder (MSD imagesTr/labelsTr, images/masks)")
     image_columns: list[str] = Field(default_factory=lambda: ["image"], description="one column per modality")
-    mask_column: str = "mask"
-    labels: dict[int, str] = Field(default_factory=lambda: {0: "background", 1: "foreground"})
+    mask_column: str = Field("mask", description="the manifest column holding the label map")
+    labels: dict[int, str] = Field(default_factory=lambda: {0: "background", 1: "foreground"},
+                                   description="class names, numbered 0..N-1 (0 = background)")
     label_mapping: dict[int, int] = Field(default_factory=dict, description="mask value -> label, e.g. {255: 1}")
-    slicing: SlicingConfig = Field(default_factory=SlicingConfig)
-    preprocessing: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
-    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    slicing: SlicingConfig = Field(default_factory=SlicingConfig, description="volumes into 2D or 2.5D slices")
+    preprocessing: PreprocessConfig = Field(default_factory=PreprocessConfig,
+                                            description="intensity normalisation and in-plane size, cached")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="the subject-level train/val/test split")
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig,
+                                             description="training augmentation")
+    loader: LoaderConfig = Field(default_factory=LoaderConfig, description="DataLoader settings")
     cache_dir: Path | None = Field(None, description="preprocessing cache; null: $MEDSEG_CACHE_DIR or ./.medseg_cache")
     attributes: AttributesConfig | None = Field(None, description="attributes from a table and from case ids")
     instances: InstancesConfig | None = Field(None, description="task: instance: where the objects come from")
@@ -313,36 +320,37 @@ class LossConfig(StrictModel):
 class OptimizerConfig(StrictModel):
     """Optimiser and learning-rate schedule."""
 
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    name: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov momentum)")
+    lr: float = Field(1e-3, gt=0, description="learning rate (the encoder's: x model.encoder_lr_multiplier)")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     momentum: float = Field(0.99, ge=0, lt=1, description="sgd only (Nesterov, as nnU-Net)")
-    scheduler: Literal["none", "cosine", "poly", "onecycle"] = "cosine"
+    scheduler: Literal["none", "cosine", "poly", "onecycle"] = Field(
+        "cosine", description="learning-rate schedule, stepped every batch")
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up before the schedule (not with onecycle)")
-    poly_power: float = Field(0.9, gt=0)
+    poly_power: float = Field(0.9, gt=0, description="poly: the exponent of the schedule")
 
 
 class TrainerConfig(StrictModel):
     """Lightning Trainer settings; the defaults run anywhere (CPU or GPU)."""
 
-    max_epochs: int = Field(50, ge=1)
+    max_epochs: int = Field(50, ge=1, description="training epochs")
     accelerator: str = Field("auto", description="auto, cpu, gpu, mps")
     devices: int | str | list[int] = Field("auto", description="number, list of ids, or auto")
     strategy: str = Field("auto", description="auto, ddp, ddp_spawn, ...")
-    num_nodes: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1, description="machines of one distributed run (DDP)")
     precision: str = Field("32-true", description="32-true, 16-mixed, bf16-mixed, or auto: bf16-mixed where the "
                            "hardware computes in bfloat16 (recent GPUs; CPUs with AVX512-BF16 or AMX), else 32-true")
     compile: bool = Field(False, description="torch.compile the network for training steps (validation, test and "
                           "the logged model use the same weights, uncompiled); the first steps pay the compilation")
-    gradient_clip_val: float | None = Field(None, gt=0)
-    accumulate_grad_batches: int = Field(1, ge=1)
-    deterministic: bool = False
+    gradient_clip_val: float | None = Field(None, gt=0, description="clip gradients to this norm; null: off")
+    accumulate_grad_batches: int = Field(1, ge=1, description="batches whose gradients add up to one step")
+    deterministic: bool = Field(False, description="deterministic algorithms only (Lightning's deterministic)")
     limit_train_batches: float | int = Field(1.0, description="fraction or number of training batches per epoch")
-    check_val_every_n_epoch: int = Field(1, ge=1)
-    log_every_n_steps: int = Field(10, ge=1)
+    check_val_every_n_epoch: int = Field(1, ge=1, description="validate every this many epochs")
+    log_every_n_steps: int = Field(10, ge=1, description="training metrics logged every this many steps")
     monitor: str = Field("val/dice", description="validation metric for checkpointing and early stopping (a test/ "
                          "metric is refused: test must not choose the model)")
-    monitor_mode: Literal["max", "min"] = "max"
+    monitor_mode: Literal["max", "min"] = Field("max", description="whether a higher or lower monitor is better")
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without improvement; null: off")
     inference_batch_size: int = Field(64, ge=1, description="slices per forward pass at validation and test")
     channels_last: bool = Field(False, description="channels-last memory format for the network and its inputs")
@@ -369,10 +377,10 @@ class TrackingConfig(StrictModel):
         None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db with artifacts in mlruns/"
     )
     experiment_name: str | None = Field(None, description="null: the experiment's name")
-    run_name: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    run_name: str | None = Field(None, description="null: <experiment>-<date>-<time>")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags of the run")
     log_overlays: int = Field(4, ge=0, description="prediction overlay PNGs per validation epoch")
-    log_model: bool = True
+    log_model: bool = Field(True, description="log the trained model (safetensors weights + config) in MLflow")
     log_checkpoint: Literal["none", "weights", "full"] = Field(
         "none", description="copy of the best checkpoint among the run's artifacts: none, weights (no optimiser "
         "state), full (resumable elsewhere; about 3x the weights for Adam)")
@@ -410,9 +418,9 @@ class ModelCardConfig(StrictModel):
     license: str = Field("unspecified", description="licence of the model weights, e.g. CC-BY-4.0")
     intended_use: str = Field("", description="primary intended uses and users")
     out_of_scope_uses: list[str] = Field(default_factory=list, description="uses the model must not be put to")
-    ethical_considerations: list[str] = Field(default_factory=list)
+    ethical_considerations: list[str] = Field(default_factory=list, description="sentences copied into the card")
     caveats: list[str] = Field(default_factory=list, description="known limitations, added to the generated ones")
-    recommendations: list[str] = Field(default_factory=list)
+    recommendations: list[str] = Field(default_factory=list, description="sentences copied into the card")
     min_test_cases: int = Field(30, ge=1, description="fewer evaluation cases than this becomes a caveat")
 
 
@@ -440,22 +448,24 @@ class ExperimentConfig(StrictModel):
     """One experiment: what ``medseg`` commands read from ``experiments/*.yaml``."""
 
     name: str = Field(description="experiment name (the MLflow experiment)")
-    description: str = ""
-    seed: int = 42
+    description: str = Field("", description="free text about the experiment")
+    seed: int = Field(42, description="weights, sampling order and augmentations (a stream per DataLoader worker "
+                      "and epoch derived from it)")
     task: str = Field(
         "semantic", description="semantic: a label per pixel; instance: separate objects (arch: mask_rcnn); or a "
         "task another package registers (see config/tasks.py)")
-    data: DataConfig
+    data: DataConfig = Field(description="the cases, their split and how they become batches")
     model: ModelConfig = Field(default_factory=DecoderModelConfig,
-                               description="the network; its fields depend on arch (decoder or mask_rcnn)")
-    loss: LossConfig = Field(default_factory=LossConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    fairness: FairnessConfig = Field(default_factory=FairnessConfig)
-    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
-    inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+                               description="the network; its fields depend on arch (a decoder or mask_rcnn)")
+    loss: LossConfig = Field(default_factory=LossConfig, description="the training loss")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="optimiser and schedule")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Lightning Trainer settings")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig, description="the per-group audit")
+    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig, description="the model card's texts")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig,
+                                       description="post-processing, saved with the model")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="gates of medseg promote")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -21,11 +21,11 @@ from medseg_lightning.studies.launch import override
 class FloatParam(StrictModel):
     """A float in ``[low, high]``, on a log scale or in steps of ``step``."""
 
-    type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
+    type: Literal["float"] = Field(description="the parameter's kind")
+    low: float = Field(description="smallest value")
+    high: float = Field(description="largest value")
+    log: bool = Field(False, description="sample on a log scale (low > 0; not with step)")
+    step: float | None = Field(None, description="sample in steps of this size; null: continuous")
 
     @model_validator(mode="after")
     def _check(self) -> FloatParam:
@@ -36,11 +36,11 @@ class FloatParam(StrictModel):
 class IntParam(StrictModel):
     """An integer in ``[low, high]``, on a log scale or in steps of ``step``."""
 
-    type: Literal["int"]
-    low: int
-    high: int
-    log: bool = False
-    step: int = 1
+    type: Literal["int"] = Field(description="the parameter's kind")
+    low: int = Field(description="smallest value")
+    high: int = Field(description="largest value")
+    log: bool = Field(False, description="sample on a log scale (low > 0; not with step)")
+    step: int = Field(1, description="sample in steps of this size")
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
@@ -51,8 +51,8 @@ class IntParam(StrictModel):
 class CategoricalParam(StrictModel):
     """One of ``choices`` (encoders, decoders, losses, augmentation presets, ...)."""
 
-    type: Literal["categorical"]
-    choices: list[Any] = Field(min_length=1)
+    type: Literal["categorical"] = Field(description="the parameter's kind")
+    choices: list[Any] = Field(min_length=1, description="the values to choose from")
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
@@ -78,7 +78,8 @@ class SamplerConfig(StrictModel):
 class PrunerConfig(StrictModel):
     """When a running trial is stopped early (single objective only)."""
 
-    name: Literal["median", "hyperband", "threshold", "none"] = "median"
+    name: Literal["median", "hyperband", "threshold", "none"] = Field(
+        "median", description="median, hyperband (epochs up to trainer.max_epochs), threshold (lower/upper), none")
     n_startup_trials: int = Field(3, ge=0, description="median: trials that are never pruned")
     n_warmup_steps: int = Field(1, ge=0, description="median/threshold: epochs before pruning starts")
     min_resource: int = Field(1, ge=1, description="hyperband: epochs of the smallest bracket")
@@ -91,7 +92,7 @@ class Objective(StrictModel):
     """A metric the training run logs (its value for the best checkpoint) and whether to raise or lower it."""
 
     metric: str = Field("val/dice", description="a validation metric (a test/ metric is refused)")
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="raise or lower the metric")
 
     @model_validator(mode="after")
     def _check_metric(self) -> Objective:
@@ -102,7 +103,7 @@ class Objective(StrictModel):
 class TrialResources(StrictModel):
     """What one trial gets: a device count (GPUs, or DDP processes on a CPU) and the strategy."""
 
-    devices: int = Field(1, ge=1)
+    devices: int = Field(1, ge=1, description="GPUs per trial (or CPU processes)")
     accelerator: str | None = Field(None, description="null: the experiment's trainer.accelerator")
     strategy: str | None = Field(None, description="null: ddp when devices > 1, else the experiment's")
 
@@ -114,13 +115,14 @@ class SweepConfig(StrictModel):
     experiment: Path = Field(description="the base experiment YAML (relative to this file)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="fixed for all trials, {trainer.max_epochs: 5}")
     storage: str | None = Field(None, description="Optuna storage URL; null: SQLite file next to the sweep file")
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
-    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="how trials choose parameters")
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig, description="when a trial is stopped early")
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1,
+                                        description="metrics to optimise; the first is reported every epoch")
     n_trials: int | None = Field(20, ge=1, description="trials the study runs in all (every worker together)")
     timeout: float | None = Field(None, gt=0, description="seconds this worker starts new trials for")
     jobs: int = Field(1, ge=1, description="trials at once on this machine (--jobs overrides)")
-    resources: TrialResources = Field(default_factory=TrialResources)
+    resources: TrialResources = Field(default_factory=TrialResources, description="what one trial gets")
     space: dict[str, Param] = Field(description="dotted config path -> parameter, e.g. optimizer.lr")
     heartbeat_interval: int = Field(60, ge=1, description="seconds between a running trial's heartbeats")
     grace_period: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; null: 2x")
