@@ -82,6 +82,45 @@ def test_2d_images_give_png_masks_and_options_work(model, tmp_path: Path) -> Non
     assert (tmp_path / "out" / "xray_overlay.png").is_file()
 
 
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj) if path.name.endswith(".nii.gz") else np.asarray(Image.open(path))
+
+
+def test_uncertainty_maps_keep_the_geometry_and_leave_the_mask_as_it_was(model, cohort: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--uncertainty`` writes entropy and mutual information beside the same mask, and a score row per case."""
+    import pandas as pd
+
+    folder, _, _ = model
+    source = cohort / "imagesTr" / "synth_000.nii.gz"
+    Image.fromarray((np.random.default_rng(1).random((40, 36)) * 255).astype(np.uint8)).save(tmp_path / "xray.png")
+    members = ["--model", str(folder), "--model", str(folder), "--tta"]
+    assert main(["predict", *members, str(source), str(tmp_path / "xray.png"), "--out", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "unsure"
+    assert main(["predict", *members, "--uncertainty", str(source), str(tmp_path / "xray.png"),
+                 "--out", str(out)]) == 0
+    assert "uncertainty from 6 member(s) (2 model(s) x 3 view(s))" in capsys.readouterr().out
+    original = nib.load(str(source))
+    for name in ("entropy", "mutual_information"):
+        written = nib.load(str(out / f"synth_000_{name}.nii.gz"))
+        values = np.asarray(written.dataobj)
+        assert np.allclose(written.affine, original.affine) and written.shape == original.shape[:3]
+        assert written.get_data_dtype() == np.float32 and values.min() >= 0 and values.max() <= 1
+        assert written.header.get_intent()[0] != "label"
+        image = np.asarray(Image.open(out / f"xray_{name}.png"))
+        assert image.shape == (40, 36) and image.dtype == np.uint8
+    assert np.asarray(nib.load(str(out / "synth_000_mutual_information.nii.gz")).dataobj).max() > 0  # flips differ
+    for mask in ("synth_000.nii.gz", "xray.png"):
+        assert np.array_equal(_pixels(out / mask), _pixels(tmp_path / "plain" / mask)), mask
+    scores = pd.read_csv(out / "uncertainty.csv")
+    assert list(scores["case"]) == ["synth_000", "xray"]
+    assert {"entropy_structure", "entropy_boundary", "uncertain_fraction", "member_agreement"} <= set(scores)
+    assert scores["member_agreement"].between(0, 1).all()
+    # a rerun does not replace the maps or the scores unasked
+    assert main(["predict", *members, "--uncertainty", str(source), "--out", str(out)]) == 1
+    assert "use --force" in capsys.readouterr().err
+
+
 def test_bad_inputs_get_one_line_and_leave_no_file(model, cohort: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     folder, _, _ = model

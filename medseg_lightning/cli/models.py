@@ -27,9 +27,16 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
                           largest_component=args.largest_component, batch_size=args.batch_size,
                           device=args.device, min_score=args.min_score)
+    if args.uncertainty and not predictor.task.averages_predictions:
+        raise ValueError(f"--uncertainty: {predictor.task.name} models predict alone, with no members to compare; "
+                         "it applies to semantic models")
     cases = discover_inputs(args.inputs, predictor.modalities)
     planned = [path for case in cases
-               for path in output_paths(case, args.out, overlay=args.overlay, instance=predictor.task.detects_objects)]
+               for path in output_paths(case, args.out, overlay=args.overlay, instance=predictor.task.detects_objects,
+                                        uncertainty=args.uncertainty)]
+    scores_table = args.out / "uncertainty.csv"
+    if args.uncertainty:
+        planned.append(scores_table)
     existing = [path for path in planned if path.exists() or path.is_symlink()]
     if existing and not args.force:  # before anything is written: a user's files are never replaced unasked
         what = (f"{existing[0]} and {len(existing) - 1} more output(s) of this command exist" if len(existing) > 1
@@ -37,17 +44,38 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"error: {what}; use --force to replace {'them' if len(existing) > 1 else 'it'}, or choose another "
               "--out", file=sys.stderr)
         return 1
-    failed = 0
+    if args.uncertainty:
+        print(f"uncertainty from {predictor.members} member(s) ({len(predictor.networks)} model(s) x "
+              f"{predictor.members // len(predictor.networks)} view(s))"
+              + ("; one member gives entropy only: add --tta or more --model for mutual information and agreement"
+                 if predictor.members == 1 else ""))
+    failed, rows = 0, []
     for case in tqdm(cases, desc="segmenting", unit="case", disable=len(cases) < 2):
         try:
-            output = predict_case(predictor, case, args.out, overlay=args.overlay)
+            output = predict_case(predictor, case, args.out, overlay=args.overlay, uncertainty=args.uncertainty)
         except DataError as error:
             failed += 1
             tqdm.write(f"error: {error}", file=sys.stderr)
             continue
-        tqdm.write(f"{case.name}: {output.slices} slice(s) in {output.seconds:.2f} s -> {output.mask}")
+        line = f"{case.name}: {output.slices} slice(s) in {output.seconds:.2f} s -> {output.mask}"
+        if output.uncertainty is not None:
+            rows.append({"case": case.name, **output.uncertainty})
+            line += "  " + "  ".join(f"{key}={value:.3f}" for key, value in output.uncertainty.items())
+        tqdm.write(line)
+    if rows:
+        _write_scores(rows, scores_table)
+        print(f"uncertainty scores per case: {scores_table}")
     print(f"{len(cases) - failed} of {len(cases)} case(s) segmented into {args.out}")
     return 1 if failed else 0
+
+
+def _write_scores(rows: list[dict[str, Any]], path: Path) -> None:
+    import pandas as pd
+
+    from medseg_lightning.utilities.files import atomic_write
+
+    table = pd.DataFrame(rows)
+    atomic_write(path, lambda temporary: table.to_csv(temporary, index=False, float_format="%.4f"))
 
 
 def _promote(args: argparse.Namespace) -> int:
@@ -156,6 +184,9 @@ def add_model_commands(verbs: Any) -> None:
                          help="replace files in --out that this command writes (other files are never touched)")
     predict.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    predict.add_argument("--uncertainty", action="store_true",
+                         help="also write NAME_entropy and NAME_mutual_information maps (0..1) and uncertainty.csv "
+                              "(scores per case); from the members: every --model x every --tta view")
     predict.add_argument("--min-score", type=float,
                          help="instance models: keep objects from this detection score on (default: the model's)")
     predict.set_defaults(handler=_predict)

@@ -155,10 +155,11 @@ def restore_in_plane(array: np.ndarray, geometry: InPlaneGeometry, nearest: bool
     return _pad_crop(array, geometry.source, 0)
 
 
-def restore_volume(slices: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+def restore_volume(slices: np.ndarray, meta: dict[str, Any], nearest: bool = True) -> np.ndarray:
     """Puts per-slice labels ``(S, H, W)`` back into the case's original ``(X, Y, Z)`` voxel grid.
 
-    ``meta`` is a prepared case's metadata (its ``in_plane`` geometry and slicing ``axis``).
+    ``meta`` is a prepared case's metadata (its ``in_plane`` geometry and slicing ``axis``); ``nearest=False``
+    interpolates linearly, for continuous maps (uncertainty) rather than labels.
     """
     geometry = InPlaneGeometry.from_dict(meta["in_plane"])
-    return from_slices(restore_in_plane(slices, geometry, nearest=True), int(meta["axis"]))
+    return from_slices(restore_in_plane(slices, geometry, nearest=nearest), int(meta["axis"]))

@@ -138,8 +138,13 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-def output_paths(case: PredictInput, out_dir: Path, overlay: bool = False, instance: bool = False) -> list[Path]:
+UNCERTAINTY_MAPS = ("entropy", "mutual_information")
+
+
+def output_paths(case: PredictInput, out_dir: Path, overlay: bool = False, instance: bool = False,
+                 uncertainty: bool = False) -> list[Path]:
     """Every file ``predict_case`` writes for ``case``, so existing files can be protected before anything runs."""
+    maps = UNCERTAINTY_MAPS if uncertainty else ()
     if case.kind == "slices":
         from medseg_lightning.data.slices import slice_files
 
@@ -147,10 +152,14 @@ def output_paths(case: PredictInput, out_dir: Path, overlay: bool = False, insta
             slices = slice_files(case.paths[0])[0]
         except DataError:
             slices = {}  # the case fails on its own later, with its own error line
+        stems = slice_output_stems(case, slices)
         suffix = "_instances.png" if instance else "_pred.png"
-        paths = [out_dir / f"{stem}{suffix}" for stem in slice_output_stems(case, slices)]
+        paths = [out_dir / f"{stem}{suffix}" for stem in stems]
+        paths += [out_dir / f"{stem}_{name}.png" for name in maps for stem in stems]
     else:
-        paths = [out_dir / f"{case.name}{'.png' if case.kind == 'image2d' else '.nii.gz'}"]
+        extension = ".png" if case.kind == "image2d" else ".nii.gz"
+        paths = [out_dir / f"{case.name}{extension}"]
+        paths += [out_dir / f"{case.name}_{name}{extension}" for name in maps]
     if instance:
         paths.append(out_dir / f"{case.name}_objects.csv")
     if overlay:

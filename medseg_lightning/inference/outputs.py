@@ -30,6 +30,42 @@ def write_slice_masks(labels: np.ndarray, case: PredictInput, mapping: dict[int,
     return out_dir / f"{stems[0]}_pred.png"
 
 
+def write_label_map(labels: np.ndarray, volume: Volume, case: PredictInput, reference: nib.Nifti1Image | None,
+                    mapping: dict[int, int], out_dir: Path) -> Path:
+    """The mask in the input's form: NIfTI with its geometry, a PNG for a 2D image, PNGs for a slice folder."""
+    if case.kind == "slices":
+        return write_slice_masks(labels, case, mapping, out_dir)
+    if reference is None:
+        path = out_dir / f"{case.name}.png"
+        atomic_png(labels[:, :, 0], path)
+        return path
+    path = out_dir / f"{case.name}.nii.gz"
+    atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, path)
+    return path
+
+
+def write_continuous_map(values: np.ndarray, volume: Volume, case: PredictInput,
+                         reference: nib.Nifti1Image | None, out_dir: Path, suffix: str) -> Path:
+    """A map in ``[0, 1]`` beside the mask (``NAME_<suffix>``): float32 NIfTI with the input's geometry, or 8-bit
+    PNGs (0..255) for 2D images and slice folders."""
+    if reference is not None:
+        path = out_dir / f"{case.name}_{suffix}.nii.gz"
+        oriented = to_reference_orientation(values, volume.affine, reference, dtype=np.float32)
+        atomic_nifti(oriented, reference, path, dtype=np.float32, label_map=False)
+        return path
+    scaled = np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)
+    if case.kind != "slices":
+        path = out_dir / f"{case.name}_{suffix}.png"
+        atomic_png(scaled[:, :, 0], path)
+        return path
+    from medseg_lightning.data.slices import slice_files
+
+    stems = slice_output_stems(case, slice_files(case.paths[0])[0])
+    for index, stem in enumerate(stems):
+        atomic_png(scaled[:, :, index], out_dir / f"{stem}_{suffix}.png")
+    return out_dir / f"{stems[0]}_{suffix}.png"
+
+
 def to_reference_orientation(labels: np.ndarray, canonical_affine: np.ndarray,
                              reference: nib.Nifti1Image, dtype: type = np.uint8) -> np.ndarray:
     """Labels from the canonical (RAS) voxel order back to the input file's own voxel order."""
@@ -38,13 +74,15 @@ def to_reference_orientation(labels: np.ndarray, canonical_affine: np.ndarray,
     return nib.orientations.apply_orientation(labels, transform).astype(dtype)
 
 
-def atomic_nifti(labels: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype: type = np.uint8) -> None:
-    """``labels`` with the reference image's affine and header (a label-map intent), written atomically."""
+def atomic_nifti(labels: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype: type = np.uint8,
+                 label_map: bool = True) -> None:
+    """``labels`` with the reference image's affine and header (a label-map intent unless ``label_map`` is
+    False, for continuous maps), written atomically."""
     header = reference.header.copy() if isinstance(reference, nib.Nifti1Image) else None
     image = nib.Nifti1Image(labels.astype(dtype), reference.affine, header=header)
     image.set_data_dtype(dtype)
     image.header.set_slope_inter(1, 0)
-    image.header.set_intent("label")  # viewers then show the values as a label map
+    image.header.set_intent("label" if label_map else "none")  # a label map: viewers show the values as labels
     atomic_write(path, lambda temporary: nib.save(image, str(temporary)))
 
 

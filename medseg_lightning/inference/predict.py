@@ -9,6 +9,7 @@ written to a temporary name and renamed, so an error never leaves a partial file
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.inference.bundle import ModelBundle, check_compatible
 from medseg_lightning.inference.folding import prepare_for_inference
 from medseg_lightning.inference.inputs import PredictInput, check_finite, load_input
-from medseg_lightning.inference.outputs import (
-    write_overlay,
-)
+from medseg_lightning.inference.outputs import write_continuous_map, write_label_map, write_overlay
 from medseg_lightning.inference.postprocess import classes_to_clean, keep_largest_components
+from medseg_lightning.inference.uncertainty import MemberSummary, case_uncertainty, summarise_members
+
+FLIP_VIEWS: list[tuple[int, ...]] = [(), (-1,), (-2,)]  # TTA: as is, and flipped along each in-plane axis
 
 
 class Predictor:
@@ -58,6 +60,11 @@ class Predictor:
         if min_score is not None and not self.task.detects_objects:
             raise ValueError("--min-score applies to instance models (Mask R-CNN) only")
         self.min_score = min_score
+
+    @property
+    def members(self) -> int:
+        """How many softmax outputs are averaged: models x views (3 with flip TTA)."""
+        return len(self.networks) * (len(FLIP_VIEWS) if self.tta else 1)
 
     @property
     def modalities(self) -> int:
@@ -94,20 +101,60 @@ class Predictor:
         """Softmax ``(S, K, H, W)`` averaged over models (and flips), computed in batches."""
         chunks = []
         for start in range(0, len(slices), self.batch_size):
-            batch = self._batch(slices, start)
-            views = [(), (-1,), (-2,)] if self.tta else [()]
-            total = None
-            for network in self.networks:
-                for dims in views:
-                    flipped = batch.flip(dims) if dims else batch
-                    probability = torch.softmax(network(flipped).float(), dim=1)
-                    probability = probability.flip(dims) if dims else probability
-                    total = probability if total is None else total + probability
-            chunks.append((total / (len(self.networks) * len(views))).cpu())
+            members = self._members(self._batch(slices, start))
+            total = next(members)
+            count = 1
+            for probability in members:
+                total, count = total + probability, count + 1
+            chunks.append((total / count).cpu())
         return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def member_summary(self, slices: torch.Tensor) -> MemberSummary:
+        """The averaged probabilities with the members' entropy, mutual information and own labels."""
+        parts = [summarise_members(probability.cpu() for probability in self._members(self._batch(slices, start)))
+                 for start in range(0, len(slices), self.batch_size)]
+        return MemberSummary(torch.cat([part.probabilities for part in parts]),
+                             torch.cat([part.entropy for part in parts]),
+                             torch.cat([part.mutual_information for part in parts]),
+                             torch.cat([part.member_labels for part in parts], dim=1))
+
+    def segment_with_uncertainty(self, volume: Volume, name: str) -> UncertainSegmentation:
+        """``segment`` with the uncertainty maps and the members' labels, all in the canonical voxel grid."""
+        if not self.task.averages_predictions:
+            raise ValueError(f"--uncertainty: {self.task.name} models predict alone (no members to compare); it "
+                             "applies to semantic models, from an ensemble (--model repeated) and/or --tta")
+        slices, meta = self.preprocessed_slices(volume, name)
+        summary = self.member_summary(slices)
+        labels = keep_largest_components(restore_volume(summary.probabilities.argmax(1).to(torch.uint8).numpy(),
+                                                        meta), self.keep_largest)
+        members = (np.stack([restore_volume(member.numpy(), meta) for member in summary.member_labels])
+                   if len(summary.member_labels) > 1 else None)
+        return UncertainSegmentation(labels, restore_volume(summary.entropy.numpy(), meta, nearest=False),
+                                     restore_volume(summary.mutual_information.numpy(), meta, nearest=False), members)
+
+    def _members(self, batch: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each model's softmax on each view (the flips of TTA put back in place)."""
+        views = FLIP_VIEWS if self.tta else [()]
+        for network in self.networks:
+            for dims in views:
+                flipped = batch.flip(dims) if dims else batch
+                probability = torch.softmax(network(flipped).float(), dim=1)
+                yield probability.flip(dims) if dims else probability
 
     def _batch(self, slices: torch.Tensor, start: int) -> torch.Tensor:
         return slices[start : start + self.batch_size].to(self.device).contiguous(memory_format=self.memory_format)
+
+
+@dataclass
+class UncertainSegmentation:
+    """A case's labels with its uncertainty, each ``(X, Y, Z)`` in the canonical grid; ``member_labels``
+    ``(M, X, Y, Z)`` is None for a single member."""
+
+    labels: np.ndarray
+    entropy: np.ndarray
+    mutual_information: np.ndarray
+    member_labels: np.ndarray | None
 
 
 @dataclass
@@ -117,17 +164,28 @@ class CaseOutput:
     overlay: Path | None
     seconds: float
     slices: int
+    uncertainty: dict[str, float] | None = None  # the case's scores (``case_uncertainty``) with --uncertainty
 
 
-def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overlay: bool = False) -> CaseOutput:
-    """Segments one case and writes its mask (and overlay) atomically."""
+def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overlay: bool = False,
+                 uncertainty: bool = False) -> CaseOutput:
+    """Segments one case and writes its mask (and overlay, and uncertainty maps) atomically."""
     started = time.perf_counter()
     volume, reference = load_input(case)
     check_finite(volume, case)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mask_path, labels = predictor.task.write_prediction(predictor, volume, case, reference, out_dir)
+    scores = None
+    if uncertainty:
+        result = predictor.segment_with_uncertainty(volume, case.name)
+        labels = result.labels
+        mask_path = write_label_map(labels, volume, case, reference, predictor.config.data.label_mapping, out_dir)
+        for suffix, values in (("entropy", result.entropy), ("mutual_information", result.mutual_information)):
+            write_continuous_map(values, volume, case, reference, out_dir, suffix)
+        scores = case_uncertainty(labels, result.entropy, result.member_labels)
+    else:
+        mask_path, labels = predictor.task.write_prediction(predictor, volume, case, reference, out_dir)
     overlay_path = _overlay(volume, labels, predictor, out_dir, case) if overlay else None
-    return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]))
+    return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]), scores)
 
 
 def _overlay(volume: Volume, labels: np.ndarray, predictor: Predictor, out_dir: Path, case: PredictInput) -> Path:

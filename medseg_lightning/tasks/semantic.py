@@ -16,7 +16,7 @@ from medseg_lightning.evaluation.instance_scoring import evaluate_instance_cases
 from medseg_lightning.evaluation.scoring import EvaluationReport, evaluate_cases
 from medseg_lightning.inference.folding import prepare_for_inference
 from medseg_lightning.inference.inputs import PredictInput
-from medseg_lightning.inference.outputs import atomic_nifti, atomic_png, to_reference_orientation, write_slice_masks
+from medseg_lightning.inference.outputs import write_label_map
 from medseg_lightning.inference.postprocess import classes_to_clean
 from medseg_lightning.inference.predict import Predictor
 from medseg_lightning.models.segmentation import create_model
@@ -73,12 +73,4 @@ class SemanticTask:
     def write_prediction(self, predictor: Predictor, volume: Volume, case: PredictInput, reference: Any,
                          out_dir: Path) -> tuple[Path, np.ndarray]:
         labels = predictor.segment(volume, case.name)
-        if case.kind == "slices":
-            path = write_slice_masks(labels, case, predictor.config.data.label_mapping, out_dir)
-        elif reference is None:
-            path = out_dir / f"{case.name}.png"
-            atomic_png(labels[:, :, 0], path)
-        else:
-            path = out_dir / f"{case.name}.nii.gz"
-            atomic_nifti(to_reference_orientation(labels, volume.affine, reference), reference, path)
-        return path, labels
+        return write_label_map(labels, volume, case, reference, predictor.config.data.label_mapping, out_dir), labels
