@@ -273,3 +273,31 @@ def test_run_description_digest_names_gaps_and_caveats_within_mlflow_limits(tmp_
     inputs.config.model_card.caveats = [f"caveat {i}: " + "x" * 200 for i in range(60)]
     long = render_summary(build_card(inputs))
     assert len(long) <= DESCRIPTION_LIMIT and long.endswith("(more in the full card)\n")
+
+
+def test_the_card_says_whether_the_uncertainty_ranks_the_cases(tmp_path: Path) -> None:
+    summary = {**SUMMARY_MM, "uncertainty/entropy_structure": 0.12, "uncertainty/entropy_structure/spearman": -0.61,
+               "uncertainty/entropy_structure/aurc": 0.081, "uncertainty/entropy_structure/aurc_oracle": 0.052,
+               "uncertainty/entropy_structure/aurc_random": 0.117, "uncertainty/entropy_structure/n": 40.0}
+    card = build_card(_inputs(tmp_path, summary=summary))
+    overall = [row["metric"] for row in card["quantitative_analyses"]["overall"]]
+    assert "uncertainty/entropy_structure" in overall and not any(m.endswith("/spearman") for m in overall)
+    assert card["quantitative_analyses"]["uncertainty_ranking"] == [
+        {"score": "entropy_structure", "spearman": -0.61, "aurc": 0.081, "aurc_oracle": 0.052, "aurc_random": 0.117,
+         "n": 40.0}]
+    markdown = render_markdown(card)
+    assert "### Uncertainty: do the uncertain cases have the poor segmentations?" in markdown
+    assert "| `entropy_structure` | 40 | -0.610 | 0.081 | 0.052 | 0.117 |" in markdown
+    assert "Uncertainty: do the uncertain cases" in render_html(card)
+    assert "uncertainty" not in render_markdown(build_card(_inputs(tmp_path)))  # no scores, no section
+
+
+def test_the_card_shows_calibration_overall_and_per_group(tmp_path: Path) -> None:
+    summary = {**SUMMARY_MM, "calibration/ece": 0.042, "calibration/sex/F/ece": 0.061, "calibration/sex/M/ece": 0.03,
+               "calibration/sex/ece_gap": 0.031}
+    card = build_card(_inputs(tmp_path, summary=summary))
+    assert not any(row["metric"].startswith("calibration/") for row in card["quantitative_analyses"]["overall"])
+    markdown = render_markdown(card)
+    assert "Expected calibration error 0.042" in markdown and "| sex | F | 0.061 |" in markdown
+    assert "Largest minus smallest group ECE: sex 0.031" in markdown
+    assert "Calibration" not in render_markdown(build_card(_inputs(tmp_path)))

@@ -79,3 +79,67 @@ def test_the_predictor_summary_averages_what_probabilities_average() -> None:
     assert predictor.members == 6 and summary.member_labels.shape == (6, 3, 6, 8)
     torch.testing.assert_close(summary.probabilities, predictor.probabilities(slices), atol=1e-6, rtol=1e-5)
     assert summary.mutual_information.max() > 0.01  # two different networks and their flips disagree somewhere
+
+
+def test_ranking_quality_tells_a_useful_score_from_a_useless_one() -> None:
+    from medseg_lightning.evaluation.uncertainty_ranking import ranking_quality
+
+    dice = np.linspace(0.3, 0.95, 12)
+    rows = [{"case_id": f"c{i}", "dice/mean": d, "uncertainty/perfect": 1 - d, "uncertainty/backwards": d,
+             "uncertainty/sometimes": (1 - d) if i % 3 else math.nan} for i, d in enumerate(dice)]
+    figures = ranking_quality(rows)
+    assert figures["uncertainty/perfect/spearman"] == pytest.approx(-1.0)
+    assert figures["uncertainty/perfect/aurc"] == pytest.approx(figures["uncertainty/perfect/aurc_oracle"])
+    assert figures["uncertainty/perfect/aurc"] < figures["uncertainty/perfect/aurc_random"] == pytest.approx(
+        1 - dice.mean())
+    assert figures["uncertainty/backwards/spearman"] == pytest.approx(1.0)
+    assert figures["uncertainty/backwards/aurc"] > figures["uncertainty/backwards/aurc_random"]
+    assert figures["uncertainty/sometimes/n"] == 8  # undefined scores are left out, and counted
+    assert "uncertainty/perfect/spearman" not in ranking_quality(rows[:2])  # too few cases to rank
+
+
+def test_evaluation_rows_carry_uncertainty_and_the_report_plots_its_ranking(tmp_path) -> None:
+    """Validation and test reports score each case's entropy, rank the cases by it, and plot the ranking."""
+    from medseg_lightning.config.schema import FairnessConfig
+    from medseg_lightning.evaluation.scoring import SlicePrediction, report_files, score_case, summarize
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(6):
+        target = np.zeros((8, 8, 4), np.uint8)
+        target[2:6, 2:6] = 1
+        labels = np.moveaxis(np.roll(target, index % 3, axis=0), 2, 0)  # (S, H, W), some shifted: lower Dice
+        entropy = rng.random(labels.shape).astype(np.float32) * (0.2 + 0.1 * index)
+        item = {"case_id": f"c{index}", "target": target, "attributes": {"sex": "FM"[index % 2]},
+                "meta": {"in_plane": {"mode": "none", "source": [8, 8], "target": [8, 8]}, "axis": 2,
+                         "spacing": [1.0, 1.0, 1.0], "spacing_known": True}}
+        rows.append(score_case(item, SlicePrediction(labels, entropy, 1 - entropy / 2), {0: "bg", 1: "organ"}))
+    assert {"uncertainty/entropy_structure", "uncertainty/entropy_boundary", "uncertainty/uncertain_fraction"} <= set(
+        rows[0])
+    fairness = FairnessConfig(attributes=["sex"], min_group_size=3)
+    report = summarize(rows, "val", fairness, ["organ"])
+    metrics = report.metrics()
+    assert metrics["val/uncertainty/entropy_structure/n"] == 6
+    assert "val/uncertainty/entropy_structure/spearman" in metrics
+    assert 0 < metrics["val/calibration/ece"] < 1 and "val/calibration/sex/F/ece" in metrics
+    assert metrics["val/calibration/sex/ece_gap"] == pytest.approx(
+        abs(metrics["val/calibration/sex/F/ece"] - metrics["val/calibration/sex/M/ece"]))
+    written = report_files(report, fairness, tmp_path)
+    for name in ("val_uncertainty_ranking.png", "val_reliability.png"):
+        assert tmp_path / name in written and (tmp_path / name).stat().st_size > 0
+    assert "_calibration" not in (tmp_path / "val_cases.csv").read_text()  # the histogram stays out of the table
+
+
+def test_expected_calibration_error_pools_voxels_of_the_foreground_region() -> None:
+    from medseg_lightning.evaluation.calibration import case_histogram, expected_calibration_error
+
+    target = np.zeros((10, 10, 2), np.uint8)
+    target[:5] = 1
+    prediction = target.copy()
+    prediction[:1] = 0  # 10 of the 50 foreground voxels missed: 80% right in the region
+    assert expected_calibration_error(case_histogram(np.full(target.shape, 0.8), prediction, target)) == (
+        pytest.approx(0.0))  # says 0.8, is right 80% of the time
+    assert expected_calibration_error(case_histogram(np.full(target.shape, 0.99), prediction, target)) == (
+        pytest.approx(0.19))  # overconfident
+    background_only = case_histogram(np.full(target.shape, 0.5), np.zeros_like(target), np.zeros_like(target))
+    assert math.isnan(expected_calibration_error(background_only))  # no region: nothing to calibrate

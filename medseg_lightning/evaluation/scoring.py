@@ -23,6 +23,7 @@ from medseg_lightning.config.schema import ExperimentConfig, FairnessConfig
 from medseg_lightning.data.cache import PreparedCase
 from medseg_lightning.data.manifest import Case
 from medseg_lightning.data.preprocess import restore_volume
+from medseg_lightning.evaluation.calibration import HISTOGRAM, calibration_summary, case_histogram, pooled, reliability
 from medseg_lightning.evaluation.fairness import (
     AttributeAudit,
     audit,
@@ -33,7 +34,15 @@ from medseg_lightning.evaluation.fairness import (
     metric_name,
 )
 from medseg_lightning.evaluation.metrics import aggregate, case_metrics, name_metrics
+from medseg_lightning.evaluation.uncertainty_ranking import (
+    MIN_CASES,
+    ranking_quality,
+    risk_coverage,
+    score_names,
+    scored_pairs,
+)
 from medseg_lightning.inference.postprocess import classes_to_clean, keep_largest_components
+from medseg_lightning.inference.uncertainty import case_uncertainty, summarise_members
 
 
 @torch.no_grad()
@@ -45,15 +54,46 @@ def predict_labels(network: nn.Module, image: torch.Tensor, batch_size: int) -> 
     return torch.cat(chunks).numpy()
 
 
-def score_case(item: dict[str, Any], labels: np.ndarray, class_names: dict[int, str],
+@dataclass
+class SlicePrediction:
+    """A case's slices ``(S, H, W)``: labels, normalised predictive entropy and the softmax confidence."""
+
+    labels: np.ndarray
+    entropy: np.ndarray
+    confidence: np.ndarray
+
+
+@torch.no_grad()
+def predict_with_confidence(network: nn.Module, image: torch.Tensor, batch_size: int) -> SlicePrediction:
+    """Labels with what one softmax says about them (for uncertainty scores and calibration), in chunks."""
+    device = next(network.parameters()).device
+    labels, entropy, confidence = [], [], []
+    for start in range(0, len(image), batch_size):
+        probability = torch.softmax(network(image[start : start + batch_size].to(device)).float(), dim=1).cpu()
+        summary = summarise_members([probability])
+        labels.append(summary.member_labels[0])
+        entropy.append(summary.entropy)
+        confidence.append(probability.amax(1))
+    return SlicePrediction(torch.cat(labels).numpy(), torch.cat(entropy).numpy(), torch.cat(confidence).numpy())
+
+
+def score_case(item: dict[str, Any], slices: np.ndarray | SlicePrediction, class_names: dict[int, str],
                keep_largest: Sequence[int] = ()) -> dict[str, Any]:
     """One per-case row: the prediction re-stacked into the native grid (only the largest connected component of
-    the ``keep_largest`` classes kept, as ``medseg predict`` does) and scored against the untouched labels."""
+    the ``keep_largest`` classes kept, as ``medseg predict`` does) and scored against the untouched labels. A
+    ``SlicePrediction`` adds the case's uncertainty scores (``uncertainty/...``, see ``case_uncertainty``) and its
+    calibration histogram (under ``calibration.HISTOGRAM``, which ``summarize`` takes out of the row)."""
+    labels = slices.labels if isinstance(slices, SlicePrediction) else slices
     prediction = keep_largest_components(restore_volume(labels, item["meta"]), list(keep_largest))
     target = item["target"].numpy() if isinstance(item["target"], torch.Tensor) else item["target"]
     metrics = case_metrics(prediction, target, item["meta"]["spacing"], len(class_names),
                            spacing_known=item["meta"]["spacing_known"])
     row: dict[str, Any] = {"case_id": item["case_id"], **name_metrics(metrics, class_names)}
+    if isinstance(slices, SlicePrediction):
+        scores = case_uncertainty(prediction, restore_volume(slices.entropy, item["meta"], nearest=False), None)
+        row.update({f"uncertainty/{key}": value for key, value in scores.items() if key != "member_agreement"})
+        confidence = restore_volume(slices.confidence, item["meta"], nearest=False)
+        row[HISTOGRAM] = case_histogram(confidence, prediction, target)
     row.update({f"attr/{key}": value for key, value in item["attributes"].items()})
     return row
 
@@ -68,6 +108,7 @@ class EvaluationReport:
     audits: list[AttributeAudit] = field(default_factory=list)
     fairness: dict[str, Any] = field(default_factory=dict)
     group_counts: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    reliability: np.ndarray | None = None  # the split's pooled calibration histogram (``calibration.py``)
 
     def metrics(self) -> dict[str, float]:
         """The metrics as logged: ``<split>/dice``, ``<split>/dice/anterior_ci_low``, ``<split>/fairness/...``."""
@@ -81,15 +122,20 @@ class EvaluationReport:
 def summarize(rows: list[dict[str, Any]], split: str, fairness: FairnessConfig,
               class_names: list[str]) -> EvaluationReport:
     """Aggregates with bootstrap intervals over the cases, and the per-group audit of the same rows."""
+    histograms = [row.get(HISTOGRAM) for row in rows]
+    rows = [{key: value for key, value in row.items() if key != HISTOGRAM} for row in rows]
     numeric = [{k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
                for row in rows]
     summary = aggregate(numeric, fairness.n_bootstrap, fairness.confidence, fairness.seed) if rows else {}
+    summary |= ranking_quality(rows)
     summary["n_cases"] = float(len(rows))
     table = pd.DataFrame(rows)
+    summary |= calibration_summary(histograms, table, fairness)
     audits = audit(table, fairness, class_names)
     return EvaluationReport(split=split, cases=rows, summary=summary, audits=audits,
                             fairness=fairness_report(audits, fairness, split),
-                            group_counts=group_counts(table, fairness) if rows else {})
+                            group_counts=group_counts(table, fairness) if rows else {},
+                            reliability=pooled(histograms))
 
 
 def evaluate_cases(network: nn.Module, items: Iterable[dict[str, Any]], split: str, config: ExperimentConfig,
@@ -100,7 +146,8 @@ def evaluate_cases(network: nn.Module, items: Iterable[dict[str, Any]], split: s
     network.eval()
     names = dict(config.data.labels)
     keep = classes_to_clean(config.inference.largest_component, names)
-    rows = [score_case(item, predict_labels(network, item["image"], config.trainer.inference_batch_size), names, keep)
+    rows = [score_case(item, predict_with_confidence(network, item["image"], config.trainer.inference_batch_size),
+                       names, keep)
             for item in tqdm(items, desc=f"evaluating {split}", unit="case", disable=not progress)]
     return summarize(rows, split, config.fairness, [name for key, name in sorted(names.items()) if key > 0])
 
@@ -114,6 +161,12 @@ def report_files(report: EvaluationReport, fairness: FairnessConfig, folder: Pat
     paths = [folder / f"{split}_cases.csv", folder / f"{split}_summary.json"]
     pd.DataFrame(report.cases).to_csv(paths[0], index=False)
     paths[1].write_text(json.dumps(_json_safe(report.summary), indent=2) + "\n")
+    paths += _ranking_plot(report, folder)
+    if report.reliability is not None and report.reliability[0].sum() > 0:
+        from medseg_lightning.reporting.plots import save_reliability_plot
+
+        paths.append(save_reliability_plot(*reliability(report.reliability), report.summary["calibration/ece"],
+                                           folder / f"{split}_reliability.png", split))
     if not report.audits:
         return paths
     fairness_json = folder / f"{split}_fairness.json"
@@ -126,6 +179,20 @@ def report_files(report: EvaluationReport, fairness: FairnessConfig, folder: Pat
             plot = folder / f"{split}_fairness_{metric_name(item['attribute'])}.png"
             paths.append(save_fairness_plot(item, plot, fairness.confidence, fairness.min_group_size))
     return paths
+
+
+def _ranking_plot(report: EvaluationReport, folder: Path) -> list[Path]:
+    """``<split>_uncertainty_ranking.png`` when the cases carry uncertainty scores (see ``uncertainty_ranking``)."""
+    from medseg_lightning.reporting.plots import save_risk_coverage_plot
+
+    curves = {}
+    for name in score_names(report.cases):
+        scores, dice = scored_pairs(report.cases, name)
+        if len(scores) >= MIN_CASES:
+            curves[name] = (risk_coverage(scores, dice), dice)
+    if not curves:
+        return []
+    return [save_risk_coverage_plot(curves, folder / f"{report.split}_uncertainty_ranking.png", report.split)]
 
 
 def _json_safe(value: Any) -> Any:

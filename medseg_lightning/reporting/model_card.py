@@ -238,7 +238,9 @@ def _training_data(inputs: CardInputs) -> dict[str, Any]:
 
 def _quantitative(inputs: CardInputs) -> dict[str, Any]:
     summary, settings = inputs.summary, _settings(inputs)
-    keys = sorted(_base_keys(summary), key=lambda key: (_family_rank(key), not key.endswith("/mean")))
+    keys = sorted((key for key in _base_keys(summary)
+                   if not _is_ranking_figure(key) and not key.startswith("calibration/")),
+                  key=lambda key: (_family_rank(key), not key.endswith("/mean")))
     distance, volume = ("pixels", "voxels") if _pixel_units(inputs) else ("mm", "ml")
     units = {"hd95": distance, "assd": distance, "vol": volume}
     overall = [{"metric": key, "unit": units.get(_family(key).removesuffix("_px"), ""), "mean": summary[key],
@@ -252,7 +254,35 @@ def _quantitative(inputs: CardInputs) -> dict[str, Any]:
                              "gap_exceeds_threshold": _is_number(gap) and gap > settings.gap_threshold})
     return {"split": inputs.evaluation_split, "n_cases": _n_cases(inputs), "confidence": settings.confidence,
             "min_group_size": settings.min_group_size, "distance_unit": distance, "overall": overall,
-            "by_attribute": by_attribute, **inputs.analyses}
+            "by_attribute": by_attribute, "uncertainty_ranking": _uncertainty_ranking(summary),
+            "calibration": _calibration(summary), **inputs.analyses}
+
+
+def _calibration(summary: dict[str, float]) -> dict[str, Any] | None:
+    """The split's expected calibration error, and per audited group (``evaluation/calibration.py``)."""
+    if summary.get("calibration/ece") is None:
+        return None
+    groups = [{"attribute": key.split("/")[1], "group": key.split("/")[2], "ece": value}
+              for key, value in summary.items() if key.startswith("calibration/") and key.count("/") == 3]
+    gaps = {key.split("/")[1]: value for key, value in summary.items()
+            if key.startswith("calibration/") and key.endswith("/ece_gap")}
+    return {"ece": summary["calibration/ece"], "groups": groups, "gaps": gaps}
+
+
+_RANKING_FIGURES = ("spearman", "aurc", "aurc_oracle", "aurc_random", "n")
+
+
+def _is_ranking_figure(key: str) -> bool:
+    """``uncertainty/<score>/spearman`` and its siblings: figures about a score, not means over cases."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "uncertainty" and parts[2] in _RANKING_FIGURES
+
+
+def _uncertainty_ranking(summary: dict[str, float]) -> list[dict[str, Any]]:
+    """Per uncertainty score, how well it ranks the cases by their Dice (``evaluation/uncertainty_ranking.py``)."""
+    scores = sorted({key.split("/")[1] for key in summary if _is_ranking_figure(key)})
+    return [{"score": score, **{figure: summary.get(f"uncertainty/{score}/{figure}") for figure in _RANKING_FIGURES}}
+            for score in scores if summary.get(f"uncertainty/{score}/spearman") is not None]
 
 
 def _ethics(inputs: CardInputs) -> dict[str, Any]:

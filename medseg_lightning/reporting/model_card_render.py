@@ -168,8 +168,41 @@ def _layout_quantitative(card: dict[str, Any]) -> list[Block]:
             blocks.append(("p", f"Not available: {audit.get('note') or 'no reason given'}."))
             continue
         blocks += _group_blocks(audit, s["min_group_size"], level, s["distance_unit"])
-    return (blocks + _repeats_blocks(s.get("repeats")) + _cross_validation_blocks(s.get("cross_validation"))
-            + _cross_site_blocks(s.get("cross_site"), level))
+    return (blocks + _calibration_blocks(s.get("calibration")) + _uncertainty_blocks(s.get("uncertainty_ranking"))
+            + _repeats_blocks(s.get("repeats"))
+            + _cross_validation_blocks(s.get("cross_validation")) + _cross_site_blocks(s.get("cross_site"), level))
+
+
+def _calibration_blocks(calibration: dict[str, Any] | None) -> list[Block]:
+    if not calibration:
+        return []
+    blocks: list[Block] = [
+        ("h3", "Calibration"),
+        ("p", f"Expected calibration error {fmt(calibration['ece'])}: the voxel-weighted mean gap between the softmax "
+              "confidence and the fraction of voxels right, over the voxels that the prediction or the reference "
+              "calls foreground (0 is perfectly calibrated; the reliability diagram is a report file).")]
+    if calibration["groups"]:
+        rows = [[g["attribute"], g["group"], fmt(g["ece"])] for g in calibration["groups"]]
+        gaps = ", ".join(f"{name} {fmt(gap)}" for name, gap in calibration["gaps"].items())
+        blocks += [("table", ["Attribute", "Group", "ECE"], rows)]
+        if gaps:
+            blocks.append(("p", f"Largest minus smallest group ECE: {gaps}. A model that is confident and wrong "
+                                "more often for one group misleads its readers more for that group."))
+    return blocks
+
+
+def _uncertainty_blocks(ranking: list[dict[str, Any]] | None) -> list[Block]:
+    if not ranking:
+        return []
+    rows = [[f"`{r['score']}`", fmt_count(r["n"]), fmt(r["spearman"]), fmt(r["aurc"]), fmt(r["aurc_oracle"]),
+             fmt(r["aurc_random"])] for r in ranking]
+    return [("h3", "Uncertainty: do the uncertain cases have the poor segmentations?"),
+            ("p", "Each score ranks the cases from most to least certain. Spearman: its rank correlation with the "
+                  "case's Dice (a useful score is clearly negative). AURC: the area under the risk-coverage curve "
+                  "(1 - mean Dice of the most certain cases, averaged over how many are kept; lower is better), "
+                  "between the oracle (cases ranked by their true Dice) and random ranking. A score near random "
+                  "should not be used to decide which cases a person reviews."),
+            ("table", ["Score", "Cases", "Spearman", "AURC", "AURC oracle", "AURC random"], rows)]
 
 
 def _repeats_blocks(study: dict[str, Any] | None) -> list[Block]:

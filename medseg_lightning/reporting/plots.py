@@ -124,3 +124,48 @@ def save_crosssite_plot(groups: list[dict[str, Any]], attribute: str, path: Path
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def save_risk_coverage_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, split: str) -> Path:
+    """Mean Dice of the cases kept when the most uncertain ones are set aside, one line per uncertainty score
+    (``name -> (1 - mean Dice of the k most certain, the cases' Dice)``), with the oracle (cases ranked by their
+    true Dice) and the no-skill level (the mean Dice of those cases) of the score with the most cases."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    for name, (risk, _) in curves.items():
+        axis.plot(1.0 - np.arange(1, len(risk) + 1) / len(risk), 1.0 - risk, label=name, linewidth=1.2)
+    dice = max((dice for _, dice in curves.values()), key=len)
+    kept = np.arange(1, len(dice) + 1)
+    axis.plot(1.0 - kept / len(dice), np.cumsum(np.sort(dice)[::-1]) / kept, color="#888888", linestyle=":",
+              label="oracle")
+    axis.axhline(float(dice.mean()), color="#888888", linestyle="--", linewidth=0.8, label="no skill")
+    axis.set_xlabel("fraction of cases set aside (most uncertain first)")
+    axis.set_ylabel("mean Dice of the cases kept")
+    axis.set_title(f"{split}: do the uncertain cases have the poor segmentations? (n={len(dice)})", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def save_reliability_plot(confidence: np.ndarray, accuracy: np.ndarray, counts: np.ndarray, ece: float, path: Path,
+                          split: str) -> Path:
+    """Reliability diagram of the foreground region: accuracy against softmax confidence per bin (point size:
+    the bin's share of voxels), the diagonal being perfect calibration."""
+    figure, axis = plt.subplots(figsize=(4.2, 4.0))
+    axis.plot([0, 1], [0, 1], color="#888888", linestyle="--", linewidth=0.8, label="calibrated")
+    sizes = 20 + 300 * counts / counts.sum()
+    axis.plot(confidence, accuracy, color=_COLOURS[0], linewidth=1.0)
+    axis.scatter(confidence, accuracy, s=sizes, color=_COLOURS[0], zorder=3, label="model")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("softmax confidence")
+    axis.set_ylabel("fraction of voxels right")
+    axis.set_title(f"{split}: reliability (foreground region), ECE {ece:.3f}", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path

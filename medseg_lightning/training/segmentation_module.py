@@ -15,7 +15,7 @@ from torch import nn
 
 from medseg_lightning.config.schema import FairnessConfig, OptimizerConfig
 from medseg_lightning.evaluation.metrics import SliceMetrics, name_metrics
-from medseg_lightning.evaluation.scoring import predict_labels, score_case
+from medseg_lightning.evaluation.scoring import predict_with_confidence, score_case
 from medseg_lightning.training.case_module import CaseModule
 
 
@@ -83,10 +83,10 @@ class SegmentationModule(CaseModule):
 
     def _score_cases(self, batch: list[dict[str, Any]], split: str) -> None:
         for item in batch:
-            labels = predict_labels(self, item["image"], self.inference_batch_size)
-            self.case_rows[split].append(score_case(item, labels, self.labels, self.keep_largest))
+            prediction = predict_with_confidence(self, item["image"], self.inference_batch_size)
+            self.case_rows[split].append(score_case(item, prediction, self.labels, self.keep_largest))
             if split == "val" and len(self.overlays) < self.overlay_cases:
-                self.overlays.append(_overlay_sample(item, labels))
+                self.overlays.append(_overlay_sample(item, prediction.labels))
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
