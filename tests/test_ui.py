@@ -15,8 +15,10 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from medseg_lightning.cli import main
+from medseg_lightning.tracking.experiments import describe_experiment
 
 
 def _port_open(port: int) -> bool:
@@ -127,3 +129,37 @@ def test_sweep_dashboard_serves_the_study_and_stops_with_its_process_group(tmp_p
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_an_experiment_is_described_once_and_keeps_what_the_user_set(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = client.create_experiment("first")
+    describe_experiment(client, first, "2D U-Net on 32 cases")
+    tags = client.get_experiment(first).tags
+    assert tags["mlflow.note.content"] == "2D U-Net on 32 cases"
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(first, "mlflow.note.content", "edited in the UI")
+    client.set_experiment_tag(first, "mlflow.experimentKind", "genai_development")  # the UI's other choice
+    describe_experiment(client, first, "2D U-Net on 32 cases")
+    tags = client.get_experiment(first).tags
+    assert (tags["mlflow.note.content"], tags["mlflow.experimentKind"]) == ("edited in the UI", "genai_development")
+    second = client.create_experiment("second")
+    describe_experiment(client, second, "")  # no description in the config: none is written
+    assert "mlflow.note.content" not in client.get_experiment(second).tags
+
+
+def test_medseg_ui_prints_the_experiments_runs_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from medseg_lightning.studies import launch
+
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").create_experiment("quickstart")
+    started = []
+    monkeypatch.setattr(launch, "run_process_group", lambda command: started.append(command) or 0)
+    assert main(["ui", "--port", "5003", "--experiment", "quickstart"]) == 0
+    out = capsys.readouterr().out
+    assert f"MLflow UI: open http://127.0.0.1:5003/#/experiments/{experiment}/runs" in out, out
+    assert started and started[0][1:4] == ["-m", "mlflow", "ui"] and "5003" in started[0]
+    assert main(["ui", "--experiment", "quickstrat"]) == 2
+    assert "no MLflow experiment 'quickstrat'" in capsys.readouterr().err and len(started) == 1
