@@ -1,11 +1,18 @@
 """The documentation site: generated references complete, every config field described, every results block that
-``docs/results/regenerate.sh`` fills present where it says, and no page naming a machine's folders or a run id."""
+``docs/results/regenerate.sh`` fills present where it says, no page naming a machine's folders or a run id, every
+YAML snippet loading, and every shell block marked ``<!-- run -->`` running as written."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
+import os
 import re
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,7 +20,7 @@ from typing import Annotated, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from medseg_lightning.cli import build_parser
+from medseg_lightning.cli import build_parser, main
 from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.sweep.config import SweepConfig
 
@@ -208,3 +215,125 @@ def test_every_yaml_snippet_loads(where, block, tmp_path, monkeypatch):
     snippet = tmp_path / "snippet.yaml"
     snippet.write_text(yaml.safe_dump(data))
     load_config(snippet)
+
+
+# A shell block the docs promise runs as written: `<!-- run -->` (quick: the default suite runs it) or
+# `<!-- run: slow -->` (training and the like: only with -m slow) on the line before its fence.
+RUN_MARKER = re.compile(r"^<!-- run(?::\s*(?P<kind>[\w-]+))? -->\n(?P<fence>```(?:bash|sh)\n(?P<body>.*?)^```)?",
+                        re.M | re.S)
+SHELL_SYNTAX = re.compile(r"[|&;<>$`*(){}]")  # a line with any of these runs in bash, not as a plain command
+REPO_FILES = ["pyproject.toml", "experiments", "sweeps", "data/quickstart"]  # what a fresh clone has to run them on
+
+
+def _run_blocks() -> list[tuple[str, str, str | None]]:
+    """``(page#n, block, kind)`` of every marked block, in page order."""
+    found = []
+    for path in _pages():
+        for number, match in enumerate(RUN_MARKER.finditer(path.read_text()), 1):
+            found.append((f"{path.relative_to(ROOT)}#run{number}", match["body"], match["kind"]))
+    return found
+
+
+def _clone(folder: Path) -> Path:
+    """The files of a fresh clone the blocks run on, so nothing they write lands in the checkout."""
+    for name in REPO_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("*.db", "__pycache__"))
+        else:
+            shutil.copy(source, folder / name)
+    (folder / "data" / "prepared").mkdir()
+    for fingerprint in (ROOT / "data" / "prepared").glob("*.fingerprint.json"):  # tracked; the rest is a local cache
+        shutil.copy(fingerprint, folder / "data" / "prepared")
+    return folder
+
+
+def _plain_commands(block: str) -> list[list[str]] | None:
+    """The arguments of each ``medseg`` line when the block is nothing but plain ``medseg`` commands (comments
+    allowed), else None: such a block runs in this process through the entry point the ``medseg`` script calls,
+    which saves the interpreter start and imports (seconds) per command."""
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+        if not code.strip():
+            continue
+        words = shlex.split(code)
+        if SHELL_SYNTAX.search(code) or words[0] not in ("medseg", ".venv/bin/medseg"):
+            return None
+        commands.append(words[1:])
+    return commands
+
+
+def _run_block(block: str, folder: Path) -> tuple[int, str]:
+    """Runs the block in ``folder``; returns its exit status and output."""
+    commands = _plain_commands(block)
+    if commands is not None:
+        output = io.StringIO()
+        with contextlib.chdir(folder), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            for argv in commands:
+                try:
+                    code = main(argv)
+                except SystemExit as exit:  # --help, and argparse's usage errors
+                    code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+                if code:
+                    return code, output.getvalue()
+        return 0, output.getvalue()
+    scripts = folder / ".venv" / "bin"  # the docs call it medseg or .venv/bin/medseg
+    scripts.mkdir(parents=True, exist_ok=True)
+    (scripts / "medseg").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m medseg_lightning.cli "$@"\n')
+    (scripts / "medseg").chmod(0o755)
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=3600)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _check_block(where: str, block: str, folder: Path) -> None:
+    code, output = _run_block(block, folder)
+    if code:
+        pytest.fail(f"{where}: this block exits with status {code}:\n{block}--- its output (end) ---\n{output[-3000:]}",
+                    pytrace=False)
+
+
+def test_the_docs_have_runnable_blocks():
+    blocks = _run_blocks()
+    assert all(body is not None for _, body, _ in blocks), \
+        f"a run marker without a bash block right after it: {[where for where, body, _ in blocks if body is None]}"
+    assert {kind for _, _, kind in blocks} <= {None, "slow"}, "markers are <!-- run --> or <!-- run: slow -->"
+    assert len([where for where, _, kind in blocks if kind is None]) >= 3
+
+
+@pytest.mark.parametrize(("where", "block"), [
+    pytest.param(where, body, marks=[pytest.mark.slow] if kind == "slow" else [], id=where)
+    for where, body, kind in _run_blocks() if body is not None])
+def test_every_marked_shell_block_runs_as_written(where, block, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the clone's own mlruns/, never the checkout's store
+    _check_block(where, block, _clone(tmp_path))
+
+
+@pytest.mark.parametrize("block", [
+    "medseg data check experiments/quickstart.yaml\nmedseg config show experiments/missing.yaml  # a typo\n",
+    "ls experiments | grep -q no-such-experiment\n",  # runs in bash
+], ids=["in-process", "bash"])
+def test_a_failing_block_names_its_page_and_text(block, tmp_path):
+    with pytest.raises(pytest.fail.Exception) as failure:
+        _check_block("docs/how-to/example.md#run1", block, _clone(tmp_path))
+    message = str(failure.value)
+    assert message.startswith("docs/how-to/example.md#run1: this block exits with status ") and block in message
+
+
+def test_a_bash_block_finds_this_checkouts_medseg(tmp_path):
+    """``medseg`` on PATH in a bash block is this checkout's (what the docs describe), run by this interpreter."""
+    _check_block("bash", "medseg --version | grep -q 'medseg-lightning'\ntest -x .venv/bin/medseg\n"
+                 f"test \"$(pwd -P)\" = {str(tmp_path.resolve())!r}\n", _clone(tmp_path))
+
+
+def test_plain_medseg_lines_run_in_process_and_anything_else_in_bash():
+    assert _plain_commands("medseg data check a.yaml   # comment\n\n# note\n.venv/bin/medseg --help\n") == [
+        ["data", "check", "a.yaml"], ["--help"]]
+    assert _plain_commands("medseg results --filter \"params.x = '1'\"\n") == [
+        ["results", "--filter", "params.x = '1'"]]
+    for block in ("medseg ui | head\n", "MEDSEG_DATA_ROOT=x medseg train a.yaml\n", "dvc repro\n",
+                  "medseg train $EXP\n", "medseg data synth --out d && medseg train a.yaml\n"):
+        assert _plain_commands(block) is None, block

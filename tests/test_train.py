@@ -161,10 +161,17 @@ def test_weight_averaging_validates_and_ships_the_averaged_weights(tiny_experime
 def test_cli_train_prints_a_summary(tiny_experiment: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     overrides = [item for pair in zip(["--set"] * len(TINY), TINY, strict=True) for item in pair]
-    assert main(["train", str(tiny_experiment), *overrides, "--set", "trainer.max_epochs=1"]) == 0
+    assert main(["train", str(tiny_experiment), *overrides, "--set", "trainer.max_epochs=1",
+                 "--set", "description=a tiny U-Net on the synthetic cohort"]) == 0
     out = capsys.readouterr().out
-    assert "best epoch 0" in out and "val: dice=" in out and "medseg ui" in out, out
+    assert "best epoch 0" in out and "val: dice=" in out, out
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").get_experiment_by_name("test")
+    # the experiment opens as a training experiment, described by the config, and the summary links its runs table
+    assert experiment.tags["mlflow.note.content"] == "a tiny U-Net on the synthetic cohort"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (f"look at it: medseg ui   (then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs)"
+            in out), out
 
 
 def test_bad_transfer_and_resume_arguments_fail_clearly(tiny_experiment: Path, tmp_path: Path, monkeypatch,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from medseg_lightning.data.check import PreparedDataset
 
 Handler = Callable[[argparse.Namespace], int]
-SWEEP_ACTIONS = ("status", "report")
+SWEEP_ACTIONS = ("status", "report", "dashboard")
 
 
 def _add_experiment(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +180,7 @@ def _study(run: Callable[[], str]) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from medseg_lightning.cli.summaries import format_evaluation
+    from medseg_lightning.cli.summaries import format_evaluation, run_line
     from medseg_lightning.evaluation.evaluate import run_evaluation
 
     config = load_config(args.data, args.overrides)
@@ -189,16 +189,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_evaluation(result.report))
     if result.test_looks is not None:
         print(result.test_looks.line())
-    print(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
+    print(run_line(result))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     action, path = (args.target[0], args.target[1:]) if args.target[0] in SWEEP_ACTIONS else ("run", args.target)
     if len(path) != 1:
-        print("error: usage: medseg sweep [status|report] SWEEP.yaml", file=sys.stderr)
+        print("error: usage: medseg sweep [status|report|dashboard] SWEEP.yaml", file=sys.stderr)
         return 2
     sweep_file = Path(path[0])
+    if action == "dashboard":
+        from medseg_lightning.sweep.dashboard import dashboard
+
+        server = dashboard(sweep_file, args.overrides, port=args.port)
+        return _serve(server.command, f"optuna-dashboard on {server.storage}", server.url)
     if action == "status":
         from medseg_lightning.sweep.session import sweep_status
 
@@ -266,16 +271,30 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
     from medseg_lightning import tracking
-    from medseg_lightning.studies.launch import run_process_group
+    from medseg_lightning.tracking.experiments import experiment_id_of, runs_table_url
 
     store, artifacts = tracking.resolve_store_from_env(tracking.project_root(Path.cwd()))
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", args.host,
                "--port", str(args.port)]
     if artifacts:
         command += ["--default-artifact-root", artifacts]
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    if args.experiment:
+        url = runs_table_url(url, experiment_id_of(MlflowClient(store), args.experiment, required=True))
     print(" ".join(command))
-    return run_process_group(command)  # stopping medseg ui stops the MLflow server and its workers too
+    return _serve(command, "MLflow UI", url)
+
+
+def _serve(command: list[str], what: str, url: str) -> int:
+    """Runs a server until Ctrl-C: in a process group of its own, which is stopped as a whole (MLflow's and
+    optuna-dashboard's servers start worker processes that would otherwise stay behind, holding the port)."""
+    from medseg_lightning.studies.launch import run_process_group
+
+    print(f"{what}: open {url}   (Ctrl-C stops it)", flush=True)
+    return run_process_group(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,12 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(verbs)
 
-    sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report: inspect it)",
+    sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report, dashboard: inspect it)",
                              description="medseg sweep SWEEP.yaml | medseg sweep status SWEEP.yaml | "
-                                         "medseg sweep report SWEEP.yaml")
-    sweep.add_argument("target", nargs="+", metavar="[status|report] SWEEP.yaml",
-                       help="a sweep file (run or resume the study), or status/report and a sweep file")
+                                         "medseg sweep report SWEEP.yaml | medseg sweep dashboard SWEEP.yaml")
+    sweep.add_argument("target", nargs="+", metavar="[status|report|dashboard] SWEEP.yaml",
+                       help="a sweep file (run or resume the study); status: the trials table; report: refresh the "
+                            "results on the study's MLflow run; dashboard: optuna-dashboard on the study's storage "
+                            "(history, parallel coordinates, parameter importances, live), on 127.0.0.1 until Ctrl-C")
     sweep.add_argument("--jobs", type=int, help="trials at once on this machine (default: the sweep's jobs)")
+    sweep.add_argument("--port", type=int, default=8080, help="dashboard: the port it listens on (on 127.0.0.1)")
     _add_set(sweep, "override a field of the sweep file, e.g. --set n_trials=10 (repeatable)")
     sweep.set_defaults(handler=_sweep)
 
@@ -355,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's store (mlruns/)")
     ui.add_argument("--host", default="127.0.0.1", help="address the UI listens on")
     ui.add_argument("--port", type=int, default=5000, help="port the UI listens on")
+    ui.add_argument("--experiment", metavar="NAME",
+                    help="print the URL of this MLflow experiment's runs table (an experiment file's name)")
     ui.set_defaults(handler=_ui)
 
     data = verbs.add_parser("data", help="build manifests, check and prepare data, make synthetic cohorts")

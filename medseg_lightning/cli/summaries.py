@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from medseg_lightning.evaluation.scoring import EvaluationReport
@@ -44,8 +44,20 @@ def format_summary(result: RunResult) -> str:
     lines.append(f"MLflow run {result.run_id} in experiment '{result.experiment_name}' ({result.tracking_uri})")
     if result.model_uri:
         lines.append(f"model: {result.model_uri}")
-    lines.append("look at it: medseg ui   (then open http://127.0.0.1:5000)")
+    lines.append(_look(result))
     return "\n".join(lines)
+
+
+def _look(result: Any) -> str:
+    """Where to see a run: ``medseg ui`` and its experiment's runs table (a tracking server's own UI)."""
+    from medseg_lightning.tracking.experiments import look_at_run
+
+    return look_at_run(result.tracking_uri, result.run_id)
+
+
+def run_line(result: Any) -> str:
+    """``MLflow run ID (URI); look at it: ...`` for any result with a ``run_id`` and ``tracking_uri``."""
+    return f"MLflow run {result.run_id} ({result.tracking_uri}); {_look(result)}"
 
 
 def format_evaluation(report: EvaluationReport) -> str:
@@ -91,7 +103,7 @@ def format_crossval(result: CrossValResult) -> str:
     if result.model_uri:
         lines.append(f"fold ensemble (mean of the {len(result.fold_runs)} fold models' softmax): {result.model_uri}; "
                      f"register it with medseg promote --run {result.run_id}")
-    return "\n".join([*lines, f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui"])
+    return "\n".join([*lines, run_line(result)])
 
 
 def format_repeats(result: RepeatsResult) -> str:
@@ -101,7 +113,7 @@ def format_repeats(result: RepeatsResult) -> str:
         lines += [_seed_line(result.spread, split), format_evaluation(report)]
     if "test" not in result.reports:
         lines.append("test: not evaluated (trainer.evaluate_test: false)")
-    lines.append(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
+    lines.append(run_line(result))
     return "\n".join(lines)
 
 
@@ -127,7 +139,7 @@ def format_crosssite(result: CrossSiteResult) -> str:
         lines.append(f"{item.group:>10} {item.n:>5}  {_estimate(item.dice_in):>24}  {_estimate(item.dice_out):>24}  "
                      f"{_estimate(item.dice_drop):>24}")
     lines += [f"{item['group']:>10}  not held out: {item['reason']}" for item in result.not_measured]
-    lines.append(f"MLflow run {result.run_id} ({result.tracking_uri}); look at it: medseg ui")
+    lines.append(run_line(result))
     return "\n".join(lines)
 
 

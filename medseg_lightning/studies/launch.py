@@ -135,29 +135,37 @@ def run_process_group(command: list[str]) -> int:
     process = subprocess.Popen(command, start_new_session=True,
                                preexec_fn=None if not sys.platform.startswith("linux") else _die_with_parent)
     stopping = {"signal": 0}
+    group = process.pid  # start_new_session: the server leads a group of its own, whose id is its pid
+    kill_later = threading.Timer(15, _signal_group, (group, signal.SIGKILL))  # a server that ignores SIGTERM
+    kill_later.daemon = True
 
     def forward(signum: int, _frame: object) -> None:
+        # only signal here: the interrupted process.wait() holds the lock that reaping the server needs, so waiting
+        # in this handler would always wait out its timeout; the wait returns as soon as the server has exited
+        if not stopping["signal"]:
+            kill_later.start()
         stopping["signal"] = signum
-        _stop_group(process, signal.SIGTERM)
+        _signal_group(group, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         code = process.wait()
     finally:
-        _stop_group(process, signal.SIGTERM)
+        kill_later.cancel()
+        _stop_group(process, group)  # the workers the server leaves behind, or all of it when this process fails
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 + stopping["signal"] if stopping["signal"] else code
 
 
-def _stop_group(process: subprocess.Popen[bytes], sig: int, timeout: float = 15) -> None:
-    """Signals the process group, then kills what is still there after ``timeout`` seconds."""
-    try:
-        group = os.getpgid(process.pid)
-    except ProcessLookupError:
-        group = process.pid  # the leader is gone; its group id is its pid
+def _signal_group(group: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, sig)
+
+
+def _stop_group(process: subprocess.Popen[bytes], group: int, timeout: float = 15) -> None:
+    """Sends SIGTERM to the process group, then kills what is still there after ``timeout`` seconds."""
+    _signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -166,5 +174,4 @@ def _stop_group(process: subprocess.Popen[bytes], sig: int, timeout: float = 15)
             return  # the whole group is gone
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(0.2)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, signal.SIGKILL)
+    _signal_group(group, signal.SIGKILL)

@@ -21,8 +21,8 @@ from medseg_lightning.sweep.study import (
     RUN_ATTR,
     best_trials,
     budget_reached,
+    existing_study,
     finished_count,
-    open_storage,
     open_study,
     redact,
     storage_url,
@@ -172,11 +172,8 @@ def refresh_report(path: Path, overrides: list[str] | None = None, root: Path | 
 
 
 def _load_study(sweep: SweepConfig, path: Path) -> optuna.Study:
-    url = storage_url(sweep, path)
-    try:
-        return optuna.load_study(study_name=sweep.name, storage=open_storage(url))
-    except KeyError:
-        raise ValueError(f"no study {sweep.name!r} in {redact(url)} yet: start it with medseg sweep {path}") from None
+    storage, _ = existing_study(storage_url(sweep, path), sweep.name or "", path)
+    return optuna.load_study(study_name=sweep.name, storage=storage)
 
 
 def sweep_status(path: Path, overrides: list[str] | None = None) -> str:

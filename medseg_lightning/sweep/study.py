@@ -54,6 +54,22 @@ def open_storage(url: str, attempts: int = 5, **kwargs: Any) -> RDBStorage:
     return RDBStorage(url, **kwargs)  # the last attempt raises what it meets
 
 
+def existing_study(url: str, name: str, sweep_path: Path) -> tuple[RDBStorage, int]:
+    """The storage holding the study ``name`` and the study's id, without creating either.
+
+    Raises:
+        ValueError: the storage has no such study yet, naming the command that starts it.
+    """
+    missing = ValueError(f"no study {name!r} in {redact(url)} yet: start it with medseg sweep {sweep_path}")
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///").split("?")[0]).is_file():
+        raise missing  # opening it would create an empty database file
+    storage = open_storage(url)
+    try:
+        return storage, storage.get_study_id_from_name(name)
+    except KeyError:
+        raise missing from None
+
+
 def open_study(sweep: SweepConfig, url: str) -> optuna.Study:
     """Creates the study or continues it; heartbeats let a later worker fail and retry trials of a dead one.
 

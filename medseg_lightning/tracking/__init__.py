@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config.protocol import configuration_hash
 from medseg_lightning.config.schema import ExperimentConfig
+from medseg_lightning.tracking.experiments import describe_experiment
 from medseg_lightning.tracking.provenance import command_tags, dvc_state, git_state, package_versions
 
 CONFIG_HASH_TAG = "medseg.config_hash"
@@ -133,6 +134,7 @@ def create_logger(config: ExperimentConfig, root: Path, resume_run_id: str | Non
                        tracking_uri=uri, tags=config.tracking.tags or None, artifact_location=artifacts, run_id=run_id)
     if is_global_zero():
         os.environ[RUN_ID_ENV] = logger.run_id  # creates the run now, on rank 0 only
+        describe_experiment(logger.experiment, logger.experiment_id, config.description)
     return logger
 
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.tracking import log_dataset_input, resolve_store, resolve_store_from_env, using_store
+from medseg_lightning.tracking.experiments import describe_experiment
 from medseg_lightning.tracking.provenance import command_tags, dvc_state, git_state, package_versions
 
 SOURCE_RUN_TAG = "medseg.source_run_id"
@@ -55,6 +56,7 @@ def evaluation_run(config: ExperimentConfig, root: Path, model_uri: str, split: 
     with using_store(uri):
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifacts)
+    describe_experiment(client, experiment_id, config.description)
     source = source_run_id(model_uri, root)
     tags = {"medseg.kind": "evaluation", MODEL_URI_TAG: model_uri, "medseg.split": split,
             "data.fingerprint": fingerprint.get("fingerprint", ""), **git_state(root),

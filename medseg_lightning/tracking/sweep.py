@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.tracking import resolve_store, using_store
+from medseg_lightning.tracking.experiments import describe_experiment, experiment_id_of
 from medseg_lightning.tracking.provenance import git_state
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -27,17 +28,18 @@ STATES = {"running": RunStatus.RUNNING, "finished": RunStatus.FINISHED, "failed"
 
 
 def experiment_id(client: MlflowClient, config: ExperimentConfig, root: Path) -> str:
-    """The MLflow experiment of the base experiment (created when missing)."""
+    """The MLflow experiment of the base experiment (created when missing, described as a training experiment)."""
     name = config.tracking.experiment_name or config.name
     _, artifacts = resolve_store(config, root)
     with using_store(client.tracking_uri):
-        experiment = client.get_experiment_by_name(name)
-        if experiment:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name, artifacts)
-        except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
-            return client.get_experiment_by_name(name).experiment_id
+        found = experiment_id_of(client, name)
+        if found is None:
+            try:
+                found = client.create_experiment(name, artifacts)
+            except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
+                found = client.get_experiment_by_name(name).experiment_id
+    describe_experiment(client, found, config.description)
+    return found
 
 
 def open_parent_run(
