@@ -249,7 +249,9 @@ def test_write_card_writes_three_files(tmp_path: Path) -> None:
     page = paths[2].read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<head>" in page and "<style>" in page and '<meta charset="utf-8">' in page and "<body>" in page
-    assert "<script" not in page and "http" not in page  # standalone: nothing fetched by the iframe
+    assert "<script" not in page  # standalone: nothing fetched by the iframe; the plots are inline PNGs
+    assert "http" not in re.sub(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', "", page)
+    assert re.findall(r'<img src="data:image/png;base64,', page) == ['<img src="data:image/png;base64,'] * 2
     assert "<code>model_card.intended_use</code>" not in page  # stated here; the HTML turns `code` into <code>
     assert "<code>resnet18</code>" in page
 
@@ -273,3 +275,14 @@ def test_run_description_digest_names_gaps_and_caveats_within_mlflow_limits(tmp_
     inputs.config.model_card.caveats = [f"caveat {i}: " + "x" * 200 for i in range(60)]
     long = render_summary(build_card(inputs))
     assert len(long) <= DESCRIPTION_LIMIT and long.endswith("(more in the full card)\n")
+
+
+def test_html_card_shows_a_plot_per_measured_attribute_and_markdown_none(tmp_path: Path) -> None:
+    card = build_card(_inputs(tmp_path))
+    page, markdown = render_html(card), render_markdown(card)
+    alts = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)">', page)
+    assert alts == ["sex: mean Dice per group with its 95% bootstrap interval",
+                    "age: mean Dice per group with its 95% bootstrap interval"]  # ethnicity is not available
+    quantitative = page.split('<section id="quantitative_analyses">', 1)[1].split("</section>", 1)[0]
+    assert quantitative.index("<h3>By sex</h3>") < quantitative.index('alt="sex:') < quantitative.index("By age")
+    assert "<img" not in markdown and "data:image" not in markdown
