@@ -18,6 +18,7 @@ study trains every fold and one model per held-out site, more than a few minutes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -49,7 +50,9 @@ EXPERIMENT = {
 }
 SWEEP = {
     "experiment": "../experiments/screenshots.yaml",
-    "overrides": {"trainer.max_epochs": 2, "tracking.experiment_name": "screenshots_sweep"},
+    # the validation split has too few cases per sex for min_group_size 4: the gap would not be measured
+    "overrides": {"trainer.max_epochs": 2, "tracking.experiment_name": "screenshots_sweep",
+                  "fairness.min_group_size": 2},
     "sampler": {"name": "nsga2", "seed": 0}, "pruner": {"name": "none"},
     "objectives": [{"metric": "val/dice", "direction": "maximize"},
                    {"metric": "val/fairness/sex/dice_gap", "direction": "minimize"}],
@@ -66,6 +69,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="scratch project for the fixture (default: a temporary folder)")
     parser.add_argument("--port", type=int, default=5391, help="port of medseg ui")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep and its plots")
+    parser.add_argument("--reuse", action="store_true",
+                        help="--work already holds the fixture: only take the pictures again (after a UI change)")
     args = parser.parse_args()
     chromium = os.environ.get("MEDSEG_CHROMIUM") or next(
         filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -74,7 +79,9 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="medseg_screenshots_"))
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["MEDSEG_CACHE_DIR"] = str(work / "cache")
-    build_fixture(work, env, sweep=not args.no_sweep)
+    if not args.reuse:
+        build_fixture(work, env, sweep=not args.no_sweep)
+    mark_as_training(work)
     args.out.mkdir(parents=True, exist_ok=True)
     copy_pictures(work, args.out)
     with ui(work, env, args.port) as url:
@@ -103,6 +110,10 @@ def build_fixture(work: Path, env: dict[str, str], sweep: bool) -> None:
         medseg(work, env, "sweep", "sweeps/screenshots.yaml")
     for arch in ("unet", "fcn"):
         medseg(work, env, "train", "experiments/screenshots.yaml", "--set", f"model.arch={arch}")
+
+
+def mark_as_training(work: Path) -> None:
+    """The experiment opens as a training experiment (the kind the UI's toggle would otherwise have to be set to)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(store(work))
@@ -171,6 +182,18 @@ class ui:
             print(f"medseg ui (pid {self.process.pid}) did not stop within 2 minutes; stop it by hand")
 
 
+def runs_table_state() -> dict[str, object]:
+    """The runs table's saved view in MLflow 3.17's UI: its defaults, with the metric columns of the how-to."""
+    return {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+            "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "selectedColumns": [f"metrics.`{column}`" for column in COLUMNS], "columnOrder": [],
+            "columnWidths": {}, "runsExpanded": {}, "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {},
+            "runsHiddenMode": "FIRST_10_RUNS", "viewMaximized": False, "runListHidden": False,
+            "isAccordionReordered": False, "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
+            "groupBy": None, "groupsExpanded": {}, "autoRefreshEnabled": True,
+            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
+
+
 def capture(url: str, experiment: str, chromium: str, out: Path) -> None:
     """The runs table with the metric columns chosen, then the two runs in the compare view."""
     from playwright.sync_api import sync_playwright
@@ -178,17 +201,18 @@ def capture(url: str, experiment: str, chromium: str, out: Path) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1440, "height": 810}, device_scale_factor=1)
-        # a fresh browser, minus MLflow's assistant panel, which would cover a third of the picture
-        page.add_init_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-                             "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
+        # A fresh browser, minus MLflow's assistant panel (it would cover a third of the picture), with the columns
+        # chosen that the how-to tells users to tick under "Columns" (the UI keeps that choice in localStorage; the
+        # picker lists every metric, too many to click through reliably).
+        page.add_init_script(f"""
+            localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+            localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+            localStorage.setItem({json.dumps(f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment}"]-ReactComponentState')},
+                                 {json.dumps(json.dumps(runs_table_state()))});""")
         page.goto(f"{url}#/experiments/{experiment}/runs")
         page.get_by_text("Model training", exact=True).first.click()  # what the how-to tells users to click
-        page.get_by_role("button", name="Columns").click()
-        for column in COLUMNS:
-            page.get_by_text(column, exact=True).first.click()
-        page.keyboard.press("Escape")
         for column in COLUMNS:  # the chosen columns are in the table's header
-            page.locator("[role=columnheader]", has_text=column).first.wait_for(timeout=60_000)
+            page.get_by_text(column, exact=True).first.wait_for(timeout=120_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "mlflow_runs_table.png")
         print("mlflow_runs_table.png")
