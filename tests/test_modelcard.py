@@ -249,7 +249,9 @@ def test_write_card_writes_three_files(tmp_path: Path) -> None:
     page = paths[2].read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<head>" in page and "<style>" in page and '<meta charset="utf-8">' in page and "<body>" in page
-    assert "<script" not in page and "http" not in page  # standalone: nothing fetched by the iframe
+    assert "<script" not in page  # standalone: nothing fetched by the iframe; the plots are inline PNGs
+    assert "http" not in re.sub(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', "", page)
+    assert re.findall(r'<img src="data:image/png;base64,', page) == ['<img src="data:image/png;base64,'] * 2
     assert "<code>model_card.intended_use</code>" not in page  # stated here; the HTML turns `code` into <code>
     assert "<code>resnet18</code>" in page
 
@@ -301,3 +303,14 @@ def test_the_card_shows_calibration_overall_and_per_group(tmp_path: Path) -> Non
     assert "Expected calibration error 0.042" in markdown and "| sex | F | 0.061 |" in markdown
     assert "Largest minus smallest group ECE: sex 0.031" in markdown
     assert "Calibration" not in render_markdown(build_card(_inputs(tmp_path)))
+
+
+def test_html_card_shows_a_plot_per_measured_attribute_and_markdown_none(tmp_path: Path) -> None:
+    card = build_card(_inputs(tmp_path))
+    page, markdown = render_html(card), render_markdown(card)
+    alts = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)">', page)
+    assert alts == ["sex: mean Dice per group with its 95% bootstrap interval",
+                    "age: mean Dice per group with its 95% bootstrap interval"]  # ethnicity is not available
+    quantitative = page.split('<section id="quantitative_analyses">', 1)[1].split("</section>", 1)[0]
+    assert quantitative.index("<h3>By sex</h3>") < quantitative.index('alt="sex:') < quantitative.index("By age")
+    assert "<img" not in markdown and "data:image" not in markdown

@@ -7,7 +7,9 @@ as plain text; the run description (``mlflow.note.content``) renders Markdown.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import re
 from pathlib import Path
@@ -25,6 +27,8 @@ def render_markdown(card: dict[str, Any]) -> str:
             if block[0] == "table":
                 header, rows = block[1], block[2]
                 lines += [_md_row(header), "|" + " --- |" * len(header), *(_md_row(row) for row in rows)]
+            elif block[0] == "plot":  # the table above holds its numbers; the picture is in the HTML card
+                continue
             else:
                 lines += {"p": [block[1]], "h3": [f"### {block[1]}"], "ul": [f"- {x}" for x in block[1]]}[block[0]]
             lines.append("")
@@ -43,12 +47,28 @@ def render_html(card: dict[str, Any]) -> str:
                 body.append("</table>")
             elif block[0] == "ul":
                 body.append("<ul>\n" + "\n".join(f"<li>{_inline(item)}</li>" for item in block[1]) + "\n</ul>")
+            elif block[0] == "plot":
+                body.append(_html_plot(*block[1:]))
             else:
                 body.append(f"<{block[0]}>{_inline(block[1])}</{block[0]}>")
         body.append("</section>")
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Model card: '
             f"{html.escape(_title(card))}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body)
             + "\n</body>\n</html>\n")
+
+
+def _html_plot(audit: dict[str, Any], confidence: float, minimum: int) -> str:
+    """The attribute's per-group plot as an inline PNG (a data URI), so the page stays standalone."""
+    from medseg_lightning.reporting.plots import close, fairness_figure
+
+    buffer = io.BytesIO()
+    figure = fairness_figure(audit, confidence, minimum)
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    caption = f"{audit['attribute']}: mean Dice per group with its {fmt_percent(confidence)} bootstrap interval"
+    return (f'<figure class="group-plot"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def write_card(card: dict[str, Any], folder: Path) -> list[Path]:
@@ -167,7 +187,7 @@ def _layout_quantitative(card: dict[str, Any]) -> list[Block]:
         if not audit.get("available", True):
             blocks.append(("p", f"Not available: {audit.get('note') or 'no reason given'}."))
             continue
-        blocks += _group_blocks(audit, s["min_group_size"], level, s["distance_unit"])
+        blocks += _group_blocks(audit, s["min_group_size"], s["confidence"], s["distance_unit"])
     return (blocks + _calibration_blocks(s.get("calibration")) + _uncertainty_blocks(s.get("uncertainty_ranking"))
             + _repeats_blocks(s.get("repeats"))
             + _cross_validation_blocks(s.get("cross_validation")) + _cross_site_blocks(s.get("cross_site"), level))
@@ -247,7 +267,8 @@ def _cross_site_blocks(study: dict[str, Any] | None, level: str) -> list[Block]:
     return blocks
 
 
-def _group_blocks(audit: dict[str, Any], minimum: int, level: str, distance: str) -> list[Block]:
+def _group_blocks(audit: dict[str, Any], minimum: int, confidence: float, distance: str) -> list[Block]:
+    level = fmt_percent(confidence)
     measured = [group for group in audit["groups"] if group.get("measured")]
     classes = list(dict.fromkeys(name for group in measured for name in group.get("dice_per_class") or {}))
     unit = {"px": "pixels"}.get(measured[0].get("distance_unit"), measured[0].get("distance_unit")) if measured else ""
@@ -270,7 +291,8 @@ def _group_blocks(audit: dict[str, Any], minimum: int, level: str, distance: str
                   f"Gap (best − worst): {fmt_estimate(gap)}{flag}",
                   f"Ratio (worst / best): {fmt(audit.get('dice_ratio'))}"]
     notes += [f"Note: {audit['note']}"] if audit.get("note") else []
-    return [("table", header, rows), *([("ul", notes)] if notes else [])]
+    plot = [("plot", audit, confidence, minimum)] if measured else []
+    return [("table", header, rows), *([("ul", notes)] if notes else []), *plot]
 
 
 def _layout_ethics(card: dict[str, Any]) -> list[Block]:
@@ -297,7 +319,8 @@ _CSS = (
     "margin-top:1.8rem}h3{font-size:1.05rem}table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}"
     "th,td{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}th{background:#f6f8fa}"
     "code{background:#f6f8fa;padding:0 .2rem;border-radius:3px;font-size:.85em}"
-    "#caveats_and_recommendations li{margin-bottom:.3rem}"
+    "#caveats_and_recommendations li{margin-bottom:.3rem}figure.group-plot{margin:.6rem 0}"
+    "figure.group-plot img{max-width:100%}figcaption{font-size:.85rem;color:#57606a}"
 )
 
 

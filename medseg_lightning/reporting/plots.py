@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # headless: training machines have no display
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -45,6 +46,24 @@ def save_overlay(image: np.ndarray, truth: np.ndarray | None, prediction: np.nda
 
 
 def save_fairness_plot(audit: dict[str, Any], path: Path, confidence: float, min_group_size: int) -> Path:
+    """Writes :func:`fairness_figure` as a PNG file.
+
+    Args:
+        audit: one attribute of the fairness report (``fairness.json``'s ``attributes`` entries).
+    """
+    figure = fairness_figure(audit, confidence, min_group_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def close(figure: Figure) -> None:
+    """Frees a figure (pyplot keeps every figure it made until it is closed)."""
+    plt.close(figure)
+
+
+def fairness_figure(audit: dict[str, Any], confidence: float, min_group_size: int) -> Figure:
     """Mean Dice per group with its confidence interval, zoomed to the intervals so that a gap is visible.
 
     The worst group is red, a dashed line marks the best group's mean, and too-small groups are named on the axis
@@ -85,10 +104,7 @@ def save_fairness_plot(audit: dict[str, Any], path: Path, confidence: float, min
         title += f"\ngap {gap['mean']:.3f} [{gap['ci_low']:.3f}, {gap['ci_high']:.3f}], worst: {audit['worst_group']}"
     axis.set_title(title, fontsize=9)
     axis.grid(axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return figure
 
 
 def save_crosssite_plot(groups: list[dict[str, Any]], attribute: str, path: Path, confidence: float) -> Path:
