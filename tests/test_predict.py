@@ -121,6 +121,56 @@ def test_uncertainty_maps_keep_the_geometry_and_leave_the_mask_as_it_was(model, 
     assert "use --force" in capsys.readouterr().err
 
 
+def test_triage_ranks_the_readable_cases_lists_the_broken_and_copies_the_top(
+        model, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    folder, _, _ = model
+    inputs = tmp_path / "unlabelled"
+    inputs.mkdir()
+    for name in ("synth_000", "synth_001", "synth_002"):
+        (inputs / f"{name}.nii.gz").write_bytes((cohort / "imagesTr" / f"{name}.nii.gz").read_bytes())
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "triage"
+    assert main(["triage", "--model", str(folder), "--tta", str(inputs), "--out", str(out), "--top", "1"]) == 1
+    table = pd.read_csv(out / "worklist.csv")
+    assert sorted(table["case"]) == ["synth_000", "synth_001", "synth_002"] and list(table["rank"]) == [1, 2, 3]
+    values = table["value"].to_numpy()
+    defined = values[np.isfinite(values)]
+    assert np.all(np.diff(defined) <= 0) and np.isfinite(values).tolist() == sorted(np.isfinite(values).tolist())
+    assert {"predicted_volume_ml", "draft_mask", "thumbnail", "member_agreement"} <= set(table)
+    for row in table.itertuples():
+        assert (out / row.draft_mask).is_file() and (out / row.thumbnail).is_file()
+    failed = pd.read_csv(out / "failed.csv")
+    assert list(failed["case"]) == ["broken"] and "unreadable" in failed["reason"][0]
+    first = table["case"][0]
+    assert (out / "to_annotate" / "images" / f"{first}.nii.gz").is_file()
+    assert (out / "to_annotate" / "drafts" / f"{first}.nii.gz").read_bytes() == (
+        out / "drafts" / f"{first}.nii.gz").read_bytes()
+    # the draft is the mask medseg predict writes
+    assert main(["predict", "--model", str(folder), "--tta", str(inputs / f"{first}.nii.gz"),
+                 "--out", str(tmp_path / "predicted")]) == 0
+    draft, predicted = out / "drafts" / f"{first}.nii.gz", tmp_path / "predicted" / f"{first}.nii.gz"
+    assert np.array_equal(_pixels(draft), _pixels(predicted))
+    before = (out / "worklist.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["triage", "--model", str(folder), str(inputs), "--out", str(out)]) == 1  # nothing replaced unasked
+    assert "use --force" in capsys.readouterr().err and (out / "worklist.csv").read_bytes() == before
+
+
+def test_triage_puts_cases_without_a_score_first_and_reads_agreement_the_other_way() -> None:
+    from medseg_lightning.inference.predict import CaseOutput
+    from medseg_lightning.inference.triage import rank_cases
+
+    def case(name: str, entropy: float, agreement: float) -> CaseOutput:
+        return CaseOutput(name, Path(f"{name}.nii.gz"), None, 0.0, 1,
+                          {"entropy_structure": entropy, "member_agreement": agreement})
+
+    outputs = [case("sure", 0.1, 0.95), case("unsure", 0.6, 0.5), case("empty", float("nan"), 1.0)]
+    assert [o.name for o in rank_cases(outputs, "entropy_structure")] == ["empty", "unsure", "sure"]
+    assert [o.name for o in rank_cases(outputs, "member_agreement")] == ["unsure", "sure", "empty"]
+
+
 def test_bad_inputs_get_one_line_and_leave_no_file(model, cohort: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     folder, _, _ = model

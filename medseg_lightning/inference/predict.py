@@ -165,6 +165,8 @@ class CaseOutput:
     seconds: float
     slices: int
     uncertainty: dict[str, float] | None = None  # the case's scores (``case_uncertainty``) with --uncertainty
+    foreground: float = 0.0  # predicted foreground volume, in ``volume_unit``
+    volume_unit: str = "ml"  # "voxels" for images without a spacing
 
 
 def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overlay: bool = False,
@@ -185,7 +187,11 @@ def predict_case(predictor: Predictor, case: PredictInput, out_dir: Path, overla
     else:
         mask_path, labels = predictor.task.write_prediction(predictor, volume, case, reference, out_dir)
     overlay_path = _overlay(volume, labels, predictor, out_dir, case) if overlay else None
-    return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]), scores)
+    voxels = float((labels > 0).sum())
+    foreground, unit = ((voxels * float(np.prod(volume.spacing)) / 1000.0, "ml") if volume.spacing_known
+                        else (voxels, "voxels"))
+    return CaseOutput(case.name, mask_path, overlay_path, time.perf_counter() - started, int(labels.shape[2]), scores,
+                      foreground, unit)
 
 
 def _overlay(volume: Volume, labels: np.ndarray, predictor: Predictor, out_dir: Path, case: PredictInput) -> Path:
