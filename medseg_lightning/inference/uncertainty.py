@@ -37,14 +37,14 @@ def summarise_members(members: Iterable[torch.Tensor]) -> MemberSummary:
     total, member_entropy, labels = None, None, []
     for probability in members:
         entropy = _entropy(probability)
-        total = probability.clone() if total is None else total + probability
+        total = probability if total is None else total + probability  # never in place: members stay intact
         member_entropy = entropy if member_entropy is None else member_entropy + entropy
         labels.append(probability.argmax(1).to(torch.uint8))
     if total is None or member_entropy is None:
         raise ValueError("no member predictions to summarise")
     count, classes = len(labels), total.shape[1]
     mean = total / count
-    predictive = _entropy(mean)
+    predictive = member_entropy if count == 1 else _entropy(mean)  # one member (every validation epoch): once
     scale = math.log(classes)
     return MemberSummary(mean, predictive / scale, (predictive - member_entropy / count).clamp(min=0) / scale,
                          torch.stack(labels))
