@@ -143,3 +143,43 @@ def test_expected_calibration_error_pools_voxels_of_the_foreground_region() -> N
         pytest.approx(0.19))  # overconfident
     background_only = case_histogram(np.full(target.shape, 0.5), np.zeros_like(target), np.zeros_like(target))
     assert math.isnan(expected_calibration_error(background_only))  # no region: nothing to calibrate
+
+
+def _dropout_bundle(rate: float | None) -> ModelBundle:
+    from medseg_lightning.inference.bundle import build_network
+
+    config = ExperimentConfig(name="mc", data={"source": "unused", "labels": {0: "bg", 1: "organ"}},
+                              model={"encoder": "test_resnet", "head_dropout": rate})
+    torch.manual_seed(0)
+    network = build_network(config, 1).eval()
+    with torch.no_grad():
+        network.head.weight.mul_(30)  # an untrained head is near zero: logits large enough for passes to differ
+    return ModelBundle(network, config, in_channels=1)
+
+
+def test_monte_carlo_dropout_samples_members_reproducibly(tmp_path) -> None:
+    """Each pass drops other channels (members disagree: mutual information), the same input gives the same maps
+    on every run, and the dropout layer has no weights, so the saved model loads with or without it."""
+    from medseg_lightning.inference.bundle import load_bundle, save_bundle
+
+    bundle = _dropout_bundle(0.5)
+    slices = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    predictor = Predictor([bundle], mc_dropout=4, batch_size=2, device="cpu")
+    summary = predictor.member_summary(slices)
+    assert predictor.members == 4 and summary.member_labels.shape == (4, 2, 32, 32)
+    assert summary.mutual_information.max() > 1e-3  # the passes differ
+    torch.testing.assert_close(predictor.member_summary(slices).probabilities, summary.probabilities)
+    torch.testing.assert_close(predictor.probabilities(slices), summary.probabilities, atol=1e-6, rtol=1e-5)
+    deterministic = Predictor([bundle], batch_size=2, device="cpu").member_summary(slices)
+    assert deterministic.member_labels.shape[0] == 1  # without --mc-dropout the dropout layer is off
+    folder = save_bundle(bundle.network, bundle.config, 1, tmp_path / "m")
+    assert load_bundle(folder).config.model.head_dropout == 0.5
+    plain = _dropout_bundle(None)
+    assert set(plain.network.state_dict()) == set(bundle.network.state_dict())
+
+
+def test_monte_carlo_dropout_refuses_a_model_without_dropout() -> None:
+    with pytest.raises(ValueError, match=r"has no dropout layer.*model\.head_dropout"):
+        Predictor([_dropout_bundle(None)], mc_dropout=3, device="cpu")
+    with pytest.raises(ValueError, match="cannot be negative"):
+        Predictor([_dropout_bundle(0.2)], mc_dropout=-1, device="cpu")

@@ -27,6 +27,7 @@ table docs/results/hippocampus.md:selection --experiment hippocampus_unet --kind
 table docs/results/hippocampus.md:cv --experiment hippocampus_unet --kind cross-validation
 table docs/results/index.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
 table README.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
+table docs/results/hippocampus.md:calibration --experiment hippocampus_unet --kind calibration
 
 # LGG brain MRI: selection on fold 0's validation patients, the 5-fold cross-validation
 table docs/results/lgg.md:selection --experiment lgg_flair --kind training --split val --filter "$dev"
@@ -57,5 +58,7 @@ insert_between_markers(Path(file), block, sys.stdin.read())' "$target"
   }
   bench docs/benchmarks.md:train-overhead "$PYTHON" benchmarks/train_step_overhead.py --steps 30 --repeats 2 --channels-last
   bench docs/benchmarks.md:train-throughput "$PYTHON" benchmarks/train_throughput.py --steps 30 --repeats 2
+  bench docs/explanation/saliency.md:saliency-sanity "$PYTHON" benchmarks/saliency_sanity.py \
+    --data experiments/hippocampus_unet.yaml --experiment hippocampus_unet --cases 10
   bench docs/benchmarks.md:inference-speed "$PYTHON" benchmarks/inference_speed.py --cases 40 --repeats 3
 fi

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg_lightning import __version__
+from medseg_lightning.cli.evaluation import add_evaluation_commands
+from medseg_lightning.cli.inference import add_inference_commands
 from medseg_lightning.cli.models import add_model_commands
+from medseg_lightning.cli.options import add_set as _add_set
 from medseg_lightning.config import ConfigError, config_to_yaml, load_config
 from medseg_lightning.data.io import DataError
 
@@ -26,11 +29,6 @@ SWEEP_ACTIONS = ("status", "report", "dashboard")
 def _add_experiment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/quickstart.yaml")
     _add_set(parser, "override a config field, e.g. --set data.loader.batch_size=8 (repeatable)")
-
-
-def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """``--set KEY=VALUE``, the one override option of every command that reads a YAML file."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
 def _add_seeds(parser: argparse.ArgumentParser) -> None:
@@ -179,20 +177,6 @@ def _study(run: Callable[[], str]) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from medseg_lightning.cli.summaries import format_evaluation, run_line
-    from medseg_lightning.evaluation.evaluate import run_evaluation
-
-    config = load_config(args.data, args.overrides)
-    result = run_evaluation(args.model, config, split=args.split, largest_component=args.largest_component,
-                            warn=lambda text: print(text, file=sys.stderr))
-    print(format_evaluation(result.report))
-    if result.test_looks is not None:
-        print(result.test_looks.line())
-    print(run_line(result))
-    return 0
-
-
 def _sweep(args: argparse.Namespace) -> int:
     action, path = (args.target[0], args.target[1:]) if args.target[0] in SWEEP_ACTIONS else ("run", args.target)
     if len(path) != 1:
@@ -238,6 +222,11 @@ def _results(args: argparse.Namespace) -> int:
         from medseg_lightning.reporting.results import crosssite_markdown
 
         markdown, table = crosssite_markdown(records), None
+    elif all(record.kind == "calibration" for record in records):
+        from medseg_lightning.reporting.results import calibration_markdown
+        from medseg_lightning.tracking.results import calibration_links
+
+        markdown, table = calibration_markdown(records, calibration_links(client, records)), None
     else:
         table = build_table(records, args.split)
         markdown = to_markdown(table)
@@ -328,16 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "instead of cross-validating this config (e.g. a remedy against the baseline)")
     crosssite.set_defaults(handler=_crosssite)
 
-    evaluate = verbs.add_parser("evaluate", help="evaluate a model on a dataset split: metrics, fairness, model card")
-    evaluate.add_argument("--model", required=True,
-                          help="runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a saved model folder")
-    evaluate.add_argument("--data", type=Path, required=True, help="experiment YAML whose data (and fairness) to use")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to evaluate")
-    evaluate.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
-                          help="keep only the largest connected component per class, or not (default: the model's)")
-    _add_set(evaluate, "override a field of the --data experiment (repeatable)")
-    evaluate.set_defaults(handler=_evaluate)
-
+    add_evaluation_commands(verbs)
+    add_inference_commands(verbs)
     add_model_commands(verbs)
 
     sweep = verbs.add_parser("sweep", help="run or resume an Optuna study (status, report, dashboard: inspect it)",
@@ -360,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--run", action="append", default=[], metavar="RUN_ID", help="these runs only (repeatable)")
     results.add_argument("--parent", metavar="RUN_ID", help="the child runs of this study or sweep run")
     results.add_argument("--kind", action="append", default=[],
-                         choices=["training", "evaluation", "cross-validation", "repeats", "cross-site"],
-                         help="run kinds to include (repeatable; default: all)")
+                         choices=["training", "evaluation", "cross-validation", "repeats", "cross-site", "calibration"],
+                         help="run kinds to include (repeatable; default: all but calibration)")
     results.add_argument("--filter", help="MLflow search filter, e.g. \"params.`data.slicing.context` = '1'\"")
     results.add_argument("--split", default="test", choices=["test", "val"], help="the split whose metrics to show")
     results.add_argument("--csv", type=Path, help="also write every value as CSV to this file")

@@ -60,6 +60,20 @@ def run_line(result: Any) -> str:
     return f"MLflow run {result.run_id} ({result.tracking_uri}); {_look(result)}"
 
 
+def format_calibration(result: Any) -> str:
+    """The temperature, and the validation NLL and calibration error before and after (overall, and the gaps)."""
+    fit, before, after = result.fit, result.before, result.after
+    lines = [f"temperature {fit.temperature:.3f}, fitted on {fit.cases} val case(s) ({fit.voxels} foreground-region "
+             f"voxels): NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}"]
+    for key in sorted(after):
+        if key == "calibration/ece" or key.endswith("/ece_gap"):
+            name = "ECE" if key == "calibration/ece" else f"{key.split('/')[1]} ECE gap"
+            lines.append(f"  val {name}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
+    lines.append(f"calibrated model: {result.model_uri}" + (f" (saved in {result.out})" if result.out else ""))
+    lines.append("its effect on test: medseg evaluate --model <that model> --split test, once")
+    return "\n".join(lines)
+
+
 def format_evaluation(report: EvaluationReport) -> str:
     """Mean Dice with its interval, then each audited attribute's groups, worst group and gap."""
     summary = report.summary

@@ -237,6 +237,9 @@ class DecoderModelConfig(_NetworkConfig):
     size_mismatch: Literal["pad", "error"] = Field(
         "pad", description="inputs not divisible by the encoder stride: pad and crop back, or raise"
     )
+    head_dropout: float | None = Field(
+        None, gt=0, lt=1, description="Dropout2d rate on the decoder output, before the 1x1 head: regularises, and "
+        "lets medseg predict --mc-dropout N sample it at inference (Monte-Carlo dropout); null: none")
 
 
 class MaskRCNNModelConfig(_NetworkConfig):
@@ -380,6 +383,8 @@ class TrackingConfig(StrictModel):
     run_name: str | None = Field(None, description="null: <experiment>-<date>-<time>")
     tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags of the run")
     log_overlays: int = Field(4, ge=0, description="prediction overlay PNGs per validation epoch")
+    log_saliency: bool = Field(True, description="log Grad-CAM and integrated-gradients maps of the best and worst "
+                               "evaluated case (metrics/<split>_saliency.png), named in the model card")
     log_model: bool = Field(True, description="log the trained model (safetensors weights + config) in MLflow")
     log_checkpoint: Literal["none", "weights", "full"] = Field(
         "none", description="copy of the best checkpoint among the run's artifacts: none, weights (no optimiser "
@@ -431,6 +436,9 @@ class InferenceConfig(StrictModel):
     largest_component: bool | list[str] = Field(
         False, description="keep only the largest connected component: true for every class, or a list of class names"
     )
+    temperature: float | None = Field(
+        None, gt=0, description="softmax temperature: logits are divided by it before every softmax (confidences, "
+        "uncertainty maps, averaged members); fitted on validation by medseg calibrate; null is 1")
 
 
 class PromotionConfig(StrictModel):

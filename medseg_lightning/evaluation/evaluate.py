@@ -19,6 +19,7 @@ from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
+from medseg_lightning.evaluation.saliency_examples import attach_saliency
 from medseg_lightning.evaluation.scoring import (
     EvaluationReport,
     report_files,
@@ -80,7 +81,8 @@ def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, fol
         package_version=__version__, evaluation_split=card_split, summary=report.summary, fairness=report.fairness,
         split_counts=context.split_counts, group_counts=context.group_counts,
         dataset_fingerprint=context.fingerprint, dvc_hash=dvc_state(context.config.data.source).get("data.dvc_md5"),
-        source_model=context.source_model, source_run_id=context.source_run_id, analyses=context.analyses,
+        source_model=context.source_model, source_run_id=context.source_run_id,
+        analyses=context.analyses | _saliency_entry(report),
         study_caveats=context.caveats,
         test_looks=context.test_looks.as_dict() if context.test_looks is not None and card_split == "test" else None,
     )
@@ -90,6 +92,15 @@ def write_outputs(reports: dict[str, EvaluationReport], context: RunContext, fol
     return outputs
 
 
+def _saliency_entry(report: EvaluationReport) -> dict[str, Any]:
+    """What the card says of the saliency figure: where it is and which cases it shows."""
+    if not report.saliency:
+        return {}
+    rows = report.saliency["rows"]
+    return {"saliency": {"figure": f"metrics/{report.split}_saliency.png", "cases": [row["title"] for row in rows],
+                         "methods": list(rows[0]["maps"])}}
+
+
 def load_model(spec: str, root: Path) -> ModelBundle:
     """A model from ``runs:/ID``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a saved model folder (with
     ``model.yaml`` and ``weights.safetensors``) or a downloaded MLflow model folder."""
@@ -97,10 +108,15 @@ def load_model(spec: str, root: Path) -> ModelBundle:
         from medseg_lightning import tracking
 
         return tracking.load_logged_bundle(spec, root)
+    return load_bundle(local_model_folder(spec))
+
+
+def local_model_folder(spec: str) -> Path:
+    """The saved-model folder of a local ``--model``: the folder itself or a downloaded MLflow model's bundle."""
     path = Path(spec).expanduser()
     for folder in (path, path / "artifacts" / "bundle"):
         if (folder / SPEC_FILE).is_file() or (folder / ENSEMBLE_FILE).is_file():
-            return load_bundle(folder)
+            return folder
     raise ValueError(f"--model {spec}: not runs:/<run id>, models:/<name>@<alias>, models:/<name>/<version>, "
                      f"or a folder with {SPEC_FILE} and weights.safetensors (or an ensemble's {ENSEMBLE_FILE})")
 
@@ -211,6 +227,7 @@ def run_evaluation(model_spec: str, experiment: ExperimentConfig, split: str = "
             looks = count_test_looks(client, key, config_hash)
         dataset = CaseDataset(cases, config.data.slicing.context)
         report = task_of(config).evaluate(bundle.network, dataset, split, config)
+        attach_saliency(bundle.network, cases, report, config)
         log_metrics(client, run_id, report.metrics())
         context = RunContext(
             config=config, kind="evaluation", run_id=run_id, root=root, split_counts=datamodule.split_counts(),

@@ -64,12 +64,15 @@ class SlicePrediction:
 
 
 @torch.no_grad()
-def predict_with_confidence(network: nn.Module, image: torch.Tensor, batch_size: int) -> SlicePrediction:
-    """Labels with what one softmax says about them (for uncertainty scores and calibration), in chunks."""
+def predict_with_confidence(network: nn.Module, image: torch.Tensor, batch_size: int,
+                            temperature: float = 1.0) -> SlicePrediction:
+    """Labels with what one softmax says about them (for uncertainty scores and calibration), in chunks; the
+    logits are divided by ``temperature`` first (``inference.temperature``, fitted by ``medseg calibrate``)."""
     device = next(network.parameters()).device
     labels, entropy, confidence = [], [], []
     for start in range(0, len(image), batch_size):
-        probability = torch.softmax(network(image[start : start + batch_size].to(device)).float(), dim=1).cpu()
+        logits = network(image[start : start + batch_size].to(device)).float()
+        probability = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1).cpu()
         summary = summarise_members([probability])
         labels.append(summary.member_labels[0])
         entropy.append(summary.entropy)
@@ -109,6 +112,7 @@ class EvaluationReport:
     fairness: dict[str, Any] = field(default_factory=dict)
     group_counts: dict[str, dict[str, int | None]] = field(default_factory=dict)
     reliability: np.ndarray | None = None  # the split's pooled calibration histogram (``calibration.py``)
+    saliency: dict[str, Any] | None = None  # best and worst case's maps (``saliency_examples.attach_saliency``)
 
     def metrics(self) -> dict[str, float]:
         """The metrics as logged: ``<split>/dice``, ``<split>/dice/anterior_ci_low``, ``<split>/fairness/...``."""
@@ -146,8 +150,9 @@ def evaluate_cases(network: nn.Module, items: Iterable[dict[str, Any]], split: s
     network.eval()
     names = dict(config.data.labels)
     keep = classes_to_clean(config.inference.largest_component, names)
-    rows = [score_case(item, predict_with_confidence(network, item["image"], config.trainer.inference_batch_size),
-                       names, keep)
+    temperature = config.inference.temperature or 1.0
+    rows = [score_case(item, predict_with_confidence(network, item["image"], config.trainer.inference_batch_size,
+                                                     temperature), names, keep)
             for item in tqdm(items, desc=f"evaluating {split}", unit="case", disable=not progress)]
     return summarize(rows, split, config.fairness, [name for key, name in sorted(names.items()) if key > 0])
 
@@ -167,6 +172,11 @@ def report_files(report: EvaluationReport, fairness: FairnessConfig, folder: Pat
 
         paths.append(save_reliability_plot(*reliability(report.reliability), report.summary["calibration/ece"],
                                            folder / f"{split}_reliability.png", split))
+    if report.saliency:
+        from medseg_lightning.reporting.plots import save_saliency_grid
+
+        paths.append(save_saliency_grid(report.saliency["rows"], report.saliency["labels"],
+                                        folder / f"{split}_saliency.png", f"{split}: saliency"))
     if not report.audits:
         return paths
     fairness_json = folder / f"{split}_fairness.json"

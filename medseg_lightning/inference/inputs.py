@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -142,9 +143,10 @@ UNCERTAINTY_MAPS = ("entropy", "mutual_information")
 
 
 def output_paths(case: PredictInput, out_dir: Path, overlay: bool = False, instance: bool = False,
-                 uncertainty: bool = False) -> list[Path]:
-    """Every file ``predict_case`` writes for ``case``, so existing files can be protected before anything runs."""
-    maps = UNCERTAINTY_MAPS if uncertainty else ()
+                 uncertainty: bool = False, maps: Sequence[str] = ()) -> list[Path]:
+    """Every file ``predict_case`` (or ``explain_case``, whose ``maps`` are its methods) writes for ``case``, so
+    existing files can be protected before anything runs."""
+    maps = (*(UNCERTAINTY_MAPS if uncertainty else ()), *maps)
     if case.kind == "slices":
         from medseg_lightning.data.slices import slice_files
 

@@ -8,6 +8,7 @@ written to a temporary name and renamed, so an error never leaves a partial file
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.cache import preprocess_case
@@ -36,10 +38,11 @@ class Predictor:
 
     def __init__(self, bundles: list[ModelBundle], tta: bool | None = None, largest_component: bool | None = None,
                  batch_size: int | None = None, device: str | None = None, optimize: bool = True,
-                 min_score: float | None = None) -> None:
+                 min_score: float | None = None, mc_dropout: int = 0) -> None:
         """``optimize``: run inference copies of the networks (BatchNorm folded, channels-last memory), which
         compute the same output faster; ``min_score``: instance models keep detections from this score on
-        (default: the model's ``score_threshold``)."""
+        (default: the model's ``score_threshold``); ``mc_dropout``: that many passes per model and view with
+        its dropout layers sampling (Monte-Carlo dropout), each pass one member."""
         first = bundles[0].config
         for bundle in bundles[1:]:
             check_compatible(first, bundle.config)
@@ -51,6 +54,7 @@ class Predictor:
         self.memory_format = torch.channels_last if optimize else torch.contiguous_format
         self.networks = [(prepare_for_inference(bundle.network) if optimize else bundle.network.eval()).to(self.device)
                          for bundle in bundles]
+        self.temperatures = [bundle.config.inference.temperature or 1.0 for bundle in bundles]
         self.tta = first.inference.tta if tta is None else tta
         chosen = first.inference.largest_component if largest_component is None else largest_component
         self.keep_largest = classes_to_clean(chosen, first.data.labels)
@@ -60,11 +64,16 @@ class Predictor:
         if min_score is not None and not self.task.detects_objects:
             raise ValueError("--min-score applies to instance models (Mask R-CNN) only")
         self.min_score = min_score
+        if mc_dropout < 0:
+            raise ValueError(f"--mc-dropout {mc_dropout}: the number of dropout passes cannot be negative")
+        self.mc_dropout = mc_dropout
+        if mc_dropout:
+            self._sample_dropout(bundles)
 
     @property
     def members(self) -> int:
         """How many softmax outputs are averaged: models x views (3 with flip TTA)."""
-        return len(self.networks) * (len(FLIP_VIEWS) if self.tta else 1)
+        return len(self.networks) * (len(FLIP_VIEWS) if self.tta else 1) * max(1, self.mc_dropout)
 
     @property
     def modalities(self) -> int:
@@ -90,7 +99,7 @@ class Predictor:
     @torch.inference_mode()
     def labels(self, slices: torch.Tensor) -> torch.Tensor:
         """Labels ``(S, H, W)`` uint8; one model without TTA takes the argmax of its logits (no softmax needed)."""
-        if len(self.networks) == 1 and not self.tta:
+        if self.members == 1:
             network = self.networks[0]
             return torch.cat([network(self._batch(slices, start)).argmax(1).to(torch.uint8).cpu()
                               for start in range(0, len(slices), self.batch_size)])
@@ -100,20 +109,22 @@ class Predictor:
     def probabilities(self, slices: torch.Tensor) -> torch.Tensor:
         """Softmax ``(S, K, H, W)`` averaged over models (and flips), computed in batches."""
         chunks = []
-        for start in range(0, len(slices), self.batch_size):
-            members = self._members(self._batch(slices, start))
-            total = next(members)
-            count = 1
-            for probability in members:
-                total, count = total + probability, count + 1
-            chunks.append((total / count).cpu())
+        with self._seeded():
+            for start in range(0, len(slices), self.batch_size):
+                members = self._members(self._batch(slices, start))
+                total = next(members)
+                count = 1
+                for probability in members:
+                    total, count = total + probability, count + 1
+                chunks.append((total / count).cpu())
         return torch.cat(chunks)
 
     @torch.inference_mode()
     def member_summary(self, slices: torch.Tensor) -> MemberSummary:
         """The averaged probabilities with the members' entropy, mutual information and own labels."""
-        parts = [summarise_members(probability.cpu() for probability in self._members(self._batch(slices, start)))
-                 for start in range(0, len(slices), self.batch_size)]
+        with self._seeded():
+            parts = [summarise_members(probability.cpu() for probability in self._members(self._batch(slices, start)))
+                     for start in range(0, len(slices), self.batch_size)]
         return MemberSummary(torch.cat([part.probabilities for part in parts]),
                              torch.cat([part.entropy for part in parts]),
                              torch.cat([part.mutual_information for part in parts]),
@@ -134,13 +145,41 @@ class Predictor:
                                      restore_volume(summary.mutual_information.numpy(), meta, nearest=False), members)
 
     def _members(self, batch: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Each model's softmax on each view (the flips of TTA put back in place)."""
+        """Each model's softmax on each view (the flips of TTA put back in place), and each dropout sample."""
         views = FLIP_VIEWS if self.tta else [()]
-        for network in self.networks:
+        for network, temperature in zip(self.networks, self.temperatures, strict=True):
             for dims in views:
                 flipped = batch.flip(dims) if dims else batch
-                probability = torch.softmax(network(flipped).float(), dim=1)
-                yield probability.flip(dims) if dims else probability
+                for _ in range(max(1, self.mc_dropout)):
+                    probability = torch.softmax(network(flipped).float() / temperature, dim=1)
+                    yield probability.flip(dims) if dims else probability
+
+    def _sample_dropout(self, bundles: list[ModelBundle]) -> None:
+        """Puts the dropout layers (only them) in training mode, so each pass drops other channels.
+
+        Raises:
+            ValueError: a model without dropout (every pass would be the same), or a task that predicts alone.
+        """
+        if not self.task.averages_predictions:
+            raise ValueError(f"--mc-dropout: {self.task.name} models predict alone; it applies to semantic models")
+        for bundle, network in zip(bundles, self.networks, strict=True):
+            layers = [module for module in network.modules() if isinstance(module, nn.modules.dropout._DropoutNd)]
+            if not layers:
+                raise ValueError(f"--mc-dropout: the model {bundle.config.name} has no dropout layer; train it with "
+                                 "model.head_dropout set (e.g. 0.2), or use --tta or an ensemble for members")
+            for layer in layers:
+                layer.train()
+
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """Monte-Carlo dropout from a fixed seed: the same input gives the same maps on every run."""
+        if not self.mc_dropout:
+            yield
+            return
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            yield
 
     def _batch(self, slices: torch.Tensor, start: int) -> torch.Tensor:
         return slices[start : start + self.batch_size].to(self.device).contiguous(memory_format=self.memory_format)

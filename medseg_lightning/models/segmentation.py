@@ -33,6 +33,8 @@ class SegmentationModel(nn.Module):
             to the next multiple and crop the logits back, or raise (``"error"``).
         pad_mode: ``F.pad`` mode for ``"pad"``; zeros by default (background after most normalisations), where
             reflection would mirror anatomy into the border and fails on inputs smaller than the padding.
+        head_dropout: ``Dropout2d`` rate before the head (0: none); it has no weights, so a model saved with any
+            rate loads into a network built with another, and Monte-Carlo dropout samples it at inference.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class SegmentationModel(nn.Module):
         num_classes: int,
         size_mismatch: SizeMismatch = "pad",
         pad_mode: PadMode = "constant",
+        head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -50,6 +53,7 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"size_mismatch must be 'pad' or 'error', got {size_mismatch!r}")
         self.encoder = encoder
         self.decoder = decoder
+        self.dropout = nn.Dropout2d(head_dropout) if head_dropout else nn.Identity()
         self.head = nn.Conv2d(decoder.out_channels, num_classes, kernel_size=1)
         self.num_classes = num_classes
         self.size_mismatch = size_mismatch
@@ -85,7 +89,7 @@ class SegmentationModel(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=self.pad_mode)
         features = self.encoder(x, self.decoder.encode_feature)
-        logits = self.head(self.decoder(features))
+        logits = self.head(self.dropout(self.decoder(features)))
         logits = resize_to(logits, x.shape[-2:])
         return logits[..., :height, :width]
 
@@ -101,6 +105,7 @@ def create_model(
     size_mismatch: SizeMismatch = "pad",
     encoder_depth: int | None = None,
     pad_mode: PadMode = "constant",
+    head_dropout: float = 0.0,
 ) -> SegmentationModel:
     """Builds a registered architecture on a timm encoder.
 
@@ -115,6 +120,7 @@ def create_model(
         size_mismatch: ``"pad"`` or ``"error"`` for inputs not divisible by the output stride.
         encoder_depth: keep only the first ``encoder_depth`` stages (a shallower, cheaper encoder).
         pad_mode: ``F.pad`` mode used by ``size_mismatch="pad"``.
+        head_dropout: ``Dropout2d`` rate before the 1x1 head (0: none).
 
     Raises:
         KeyError: unknown architecture (lists the valid names).
@@ -126,4 +132,5 @@ def create_model(
     out_indices = None if encoder_depth is None else tuple(range(encoder_depth))
     timm_encoder = TimmEncoder(encoder, in_channels, pretrained=pretrained, out_indices=out_indices)
     decoder = factory(timm_encoder.channels, timm_encoder.reductions, decoder_channels)
-    return SegmentationModel(timm_encoder, decoder, num_classes, size_mismatch=size_mismatch, pad_mode=pad_mode)
+    return SegmentationModel(timm_encoder, decoder, num_classes, size_mismatch=size_mismatch, pad_mode=pad_mode,
+                             head_dropout=head_dropout)

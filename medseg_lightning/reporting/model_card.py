@@ -255,18 +255,19 @@ def _quantitative(inputs: CardInputs) -> dict[str, Any]:
     return {"split": inputs.evaluation_split, "n_cases": _n_cases(inputs), "confidence": settings.confidence,
             "min_group_size": settings.min_group_size, "distance_unit": distance, "overall": overall,
             "by_attribute": by_attribute, "uncertainty_ranking": _uncertainty_ranking(summary),
-            "calibration": _calibration(summary), **inputs.analyses}
+            "calibration": _calibration(summary, inputs.config.inference.temperature), **inputs.analyses}
 
 
-def _calibration(summary: dict[str, float]) -> dict[str, Any] | None:
-    """The split's expected calibration error, and per audited group (``evaluation/calibration.py``)."""
+def _calibration(summary: dict[str, float], temperature: float | None = None) -> dict[str, Any] | None:
+    """The split's expected calibration error, and per audited group (``evaluation/calibration.py``), with the
+    softmax temperature the model applies (``medseg calibrate``)."""
     if summary.get("calibration/ece") is None:
         return None
     groups = [{"attribute": key.split("/")[1], "group": key.split("/")[2], "ece": value}
               for key, value in summary.items() if key.startswith("calibration/") and key.count("/") == 3]
     gaps = {key.split("/")[1]: value for key, value in summary.items()
             if key.startswith("calibration/") and key.endswith("/ece_gap")}
-    return {"ece": summary["calibration/ece"], "groups": groups, "gaps": gaps}
+    return {"ece": summary["calibration/ece"], "groups": groups, "gaps": gaps, "temperature": temperature}
 
 
 _RANKING_FIGURES = ("spearman", "aurc", "aurc_oracle", "aurc_random", "n")

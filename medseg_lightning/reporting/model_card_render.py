@@ -188,7 +188,8 @@ def _layout_quantitative(card: dict[str, Any]) -> list[Block]:
             blocks.append(("p", f"Not available: {audit.get('note') or 'no reason given'}."))
             continue
         blocks += _group_blocks(audit, s["min_group_size"], s["confidence"], s["distance_unit"])
-    return (blocks + _calibration_blocks(s.get("calibration")) + _uncertainty_blocks(s.get("uncertainty_ranking"))
+    return (blocks + _calibration_blocks(s.get("calibration")) + _saliency_blocks(s.get("saliency"))
+            + _uncertainty_blocks(s.get("uncertainty_ranking"))
             + _repeats_blocks(s.get("repeats"))
             + _cross_validation_blocks(s.get("cross_validation")) + _cross_site_blocks(s.get("cross_site"), level))
 
@@ -201,6 +202,10 @@ def _calibration_blocks(calibration: dict[str, Any] | None) -> list[Block]:
         ("p", f"Expected calibration error {fmt(calibration['ece'])}: the voxel-weighted mean gap between the softmax "
               "confidence and the fraction of voxels right, over the voxels that the prediction or the reference "
               "calls foreground (0 is perfectly calibrated; the reliability diagram is a report file).")]
+    if calibration.get("temperature"):
+        blocks.append(("p", f"The logits are divided by a softmax temperature of {calibration['temperature']:.3g}, "
+                            "fitted on the validation split by `medseg calibrate` (labels of a single model do not "
+                            "change; its confidences do)."))
     if calibration["groups"]:
         rows = [[g["attribute"], g["group"], fmt(g["ece"])] for g in calibration["groups"]]
         gaps = ", ".join(f"{name} {fmt(gap)}" for name, gap in calibration["gaps"].items())
@@ -209,6 +214,18 @@ def _calibration_blocks(calibration: dict[str, Any] | None) -> list[Block]:
             blocks.append(("p", f"Largest minus smallest group ECE: {gaps}. A model that is confident and wrong "
                                 "more often for one group misleads its readers more for that group."))
     return blocks
+
+
+def _saliency_blocks(saliency: dict[str, Any] | None) -> list[Block]:
+    if not saliency:
+        return []
+    methods = " and ".join(method.replace("_", " ") for method in saliency["methods"])
+    return [("h3", "Saliency"),
+            ("p", f"`{saliency['figure']}` in the run's artifacts shows {methods} maps (captum) for "
+                  f"{'; '.join(saliency['cases'])}: which pixels raised the logit of the explained region. Grad-CAM "
+                  "passes the weight-randomisation check in the tests; integrated gradients follows the image "
+                  "intensities as much as the weights (see the saliency explanation in the docs), so read it "
+                  "with care. A map shows where the model looked, not why it is right.")]
 
 
 def _uncertainty_blocks(ranking: list[dict[str, Any]] | None) -> list[Block]:

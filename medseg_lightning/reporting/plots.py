@@ -185,3 +185,33 @@ def save_reliability_plot(confidence: np.ndarray, accuracy: np.ndarray, counts: 
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def save_saliency_grid(rows: list[dict[str, Any]], labels: dict[int, str], path: Path, title: str = "") -> Path:
+    """One row per case: the image with the explained region, then each saliency map over the image.
+
+    Args:
+        rows: ``{"title", "image" (H, W), "region" (H, W) class ids, "maps": {method: (H, W) in [0, 1]}}``.
+    """
+    methods = list(rows[0]["maps"])
+    cmap = label_colormap(len(labels))
+    figure, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.8 * (1 + len(methods)), 2.9 * len(rows)),
+                                squeeze=False)
+    for axis_row, row in zip(axes, rows, strict=True):
+        axis_row[0].imshow(row["image"].T, cmap="gray", origin="lower")
+        axis_row[0].imshow(row["region"].T, cmap=cmap, vmin=0, vmax=len(labels) - 1, origin="lower",
+                           interpolation="nearest")
+        axis_row[0].set_title(row["title"], fontsize=8)
+        for axis, method in zip(axis_row[1:], methods, strict=True):
+            axis.imshow(row["image"].T, cmap="gray", origin="lower")
+            axis.imshow(row["maps"][method].T, cmap="inferno", alpha=0.55, vmin=0, vmax=1, origin="lower")
+            axis.contour(row["region"].T > 0, levels=[0.5], colors="#42d4f4", linewidths=0.6, origin="lower")
+            axis.set_title(method.replace("_", " "), fontsize=8)
+        for axis in axis_row:
+            axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path

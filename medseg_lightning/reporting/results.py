@@ -23,7 +23,7 @@ IGNORED_SETTINGS = ("name", "description", "tracking.", "model_card.", "promotio
                     "data.loader.pin_memory", "data.attributes.table", "trainer.evaluate_test",
                     "trainer.log_every_n_steps", "trainer.inference_batch_size")
 KINDS = {"": "training", "cross-validation": "cross-validation", "repeats": "repeats", "evaluation": "evaluation",
-         "cross-site": "cross-site", "sweep": "sweep"}
+         "cross-site": "cross-site", "sweep": "sweep", "calibration": "calibration"}
 
 
 @dataclass
@@ -195,6 +195,54 @@ def crosssite_markdown(records: list[RunRecord]) -> str:
             _md([attribute, "cases", "seen in training", "not seen", "drop"]), _md(["---"] * 5), *map(_md, rows), "",
             (f"Mean drop over the groups: {mean:.4f}. " if mean is not None else "") + provenance]))
     return "\n\n".join(blocks) + "\n"
+
+
+CALIBRATION_RUN = "<CALIBRATION_RUN_ID>"
+
+
+def portable_command(command: str, run_placeholder: str = "<RUN_ID>") -> str:
+    """A logged command as a page may show it: run ids (of one store) as a placeholder, absolute paths (of one
+    machine) as their last part."""
+    command = re.sub(r"runs:/[0-9a-f]{32}", f"runs:/{run_placeholder}", command)
+    return " ".join(Path(part).name if part.startswith("/") else part for part in command.split(" "))
+
+
+def calibration_markdown(records: list[RunRecord], links: dict[str, dict[str, RunRecord]]) -> str:
+    """Calibration runs: the temperature, and the calibration error of the model before and after it, on the
+    validation split that fitted it and on the test split (the trained model's test pass against one test
+    evaluation of the calibrated model; n/a until that evaluation has run)."""
+    header = ["run", "temperature", "val cases", "val NLL before -> after", "val ECE before -> after",
+              "test cases", "test ECE before -> after", "test Dice before / after"]
+    rows = []
+    for record in records:
+        metrics = record.metrics
+        source = links.get(record.run_id, {}).get("source")
+        test = links.get(record.run_id, {}).get("test")
+        before = source.metrics if source is not None else {}
+        after = test.metrics if test is not None else {}
+        rows.append([record.name, _estimate(metrics, "val/calibration/temperature", 3),
+                     _count(metrics.get("val/n_cases"), "n/a"),
+                     f"{_estimate(metrics, 'val/calibration/nll_uncalibrated')} -> "
+                     f"{_estimate(metrics, 'val/calibration/nll')}",
+                     f"{_estimate(metrics, 'val/calibration/ece_uncalibrated')} -> "
+                     f"{_estimate(metrics, 'val/calibration/ece')}",
+                     _count(after.get("test/n_cases") or before.get("test/n_cases"), "n/a"),
+                     f"{_estimate(before, 'test/calibration/ece')} -> {_estimate(after, 'test/calibration/ece')}",
+                     f"{_estimate(before, 'test/dice/mean')} / {_estimate(after, 'test/dice/mean')}"])
+    provenance = []
+    for record in records:
+        test = links.get(record.run_id, {}).get("test")
+        evaluated = (f"`{portable_command(test.tags.get('medseg.command', 'n/a'), CALIBRATION_RUN)}`"
+                     if test is not None else "not evaluated on test yet")
+        provenance.append([record.name, f"`{portable_command(record.tags.get('medseg.command', 'n/a'))}`", evaluated,
+                           f"`{record.tags.get('git.commit', 'n/a')[:10]}`"])
+    note = ("NLL: mean negative log-likelihood of the validation voxels that the prediction or the reference calls "
+            "foreground (what the temperature minimises); ECE: expected calibration error over the same region, "
+            "per case in 3D and pooled (10 bins). The temperature was chosen on validation only; the test columns "
+            "are one look each.")
+    return "\n".join([_md(header), _md(["---"] * len(header)), *map(_md, rows), "", note, "",
+                      _md(["run", "calibrate command", "test evaluation command", "git commit"]), _md(["---"] * 4),
+                      *map(_md, provenance)]) + "\n"
 
 
 def _md(cells: list[Any]) -> str:

@@ -60,6 +60,11 @@ class Study:
         return self.folder / "config.yaml"
 
 
+# Settings added since studies were first hashed whose default is not None: at that default they stay out of the
+# hash, as an unset optional setting does.
+ADDED_WITH_DEFAULTS: list[tuple[str, str, object]] = [("tracking", "log_saliency", True)]
+
+
 def config_hash(config: ExperimentConfig) -> str:
     """Hash of what determines the results: the resolved config without run names, tags and the fold.
 
@@ -70,6 +75,9 @@ def config_hash(config: ExperimentConfig) -> str:
     tracking = config.tracking.model_copy(update={"tags": {}, "run_name": None})
     neutral = config.model_copy(update={"data": data, "tracking": tracking}).model_dump(mode="json", exclude_none=True)
     neutral["model"] = {key: value for key, value in hashed_model_settings(config.model).items() if value is not None}
+    for section, key, default in ADDED_WITH_DEFAULTS:
+        if neutral.get(section, {}).get(key) == default:
+            del neutral[section][key]
     return hashlib.sha256(yaml.safe_dump(neutral, sort_keys=False, allow_unicode=True).encode()).hexdigest()[:16]
 
 

@@ -41,7 +41,8 @@ class SemanticTask:
         if not isinstance(model, DecoderModelConfig):
             raise TypeError(f"task 'semantic' needs a decoder architecture, got model.arch {model.arch!r}")
         return create_model(model.arch, model.encoder, in_channels, config.data.num_classes, pretrained=pretrained,
-                            decoder_channels=model.decoder_channels, size_mismatch=model.size_mismatch)
+                            decoder_channels=model.decoder_channels, size_mismatch=model.size_mismatch,
+                            head_dropout=model.head_dropout or 0.0)
 
     def lightning_module(self, config: ExperimentConfig, network: nn.Module) -> SegmentationModule:
         loss = create_loss(config.loss.name, config.data.num_classes, class_weights=config.loss.class_weights,

@@ -342,17 +342,26 @@ def load_logged_bundle(uri: str, root: Path) -> Any:
     """
     from medseg_lightning.inference.bundle import load_bundle
 
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_bundle(logged_bundle_folder(uri, root, Path(tmp)))  # weights are read into memory
+
+
+def logged_bundle_folder(uri: str, root: Path, folder: Path) -> Path:
+    """Downloads a logged medseg model into ``folder``; returns its saved-model folder (``model.yaml``, weights).
+
+    Raises:
+        ValueError: the model cannot be found in the store, or is not a medseg model.
+    """
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
         uri = f"{uri.rstrip('/')}/model"
     store, _ = resolve_store_from_env(root)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = download_bundle(store, uri, Path(tmp))
-        except mlflow.exceptions.MlflowException as error:
-            raise ValueError(f"cannot load {uri} from {store}: {error.message}") from None
-        if not folder.is_dir():
-            raise ValueError(f"{uri} is not a medseg model (no artifacts/bundle folder with model.yaml)")
-        return load_bundle(folder)  # weights are read into memory, so the download can go
+    try:
+        found = download_bundle(store, uri, folder)
+    except mlflow.exceptions.MlflowException as error:
+        raise ValueError(f"cannot load {uri} from {store}: {error.message}") from None
+    if not found.is_dir():
+        raise ValueError(f"{uri} is not a medseg model (no artifacts/bundle folder with model.yaml)")
+    return found
 
 
 def check_server_access(uri: str) -> None:

@@ -44,8 +44,9 @@ def source_run_id(model_uri: str, root: Path) -> str | None:
 
 @contextmanager
 def evaluation_run(config: ExperimentConfig, root: Path, model_uri: str, split: str,
-                   fingerprint: dict[str, Any]) -> Iterator[tuple[MlflowClient, str]]:
-    """Creates the evaluation run, yields ``(client, run_id)``, and marks it FINISHED, or FAILED on an error.
+                   fingerprint: dict[str, Any], kind: str = "evaluation") -> Iterator[tuple[MlflowClient, str]]:
+    """Creates the evaluation run, yields ``(client, run_id)``, and marks it FINISHED, or FAILED on an error
+    (``kind`` "calibration": the run of ``medseg calibrate``, which reads a model the same way).
 
     The run lives in the experiment's MLflow experiment, tagged with the evaluated model and its training run so
     the two are one click apart (``medseg.source_run_id``).
@@ -58,11 +59,12 @@ def evaluation_run(config: ExperimentConfig, root: Path, model_uri: str, split: 
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifacts)
     describe_experiment(client, experiment_id, config.description)
     source = source_run_id(model_uri, root)
-    tags = {"medseg.kind": "evaluation", MODEL_URI_TAG: model_uri, "medseg.split": split,
+    tags = {"medseg.kind": kind, MODEL_URI_TAG: model_uri, "medseg.split": split,
             "data.fingerprint": fingerprint.get("fingerprint", ""), **git_state(root),
             **dvc_state(config.data.source), "medseg.version": package_versions().get("medseg-lightning", "unknown"),
             **({SOURCE_RUN_TAG: source} if source else {}), **command_tags(), **config.tracking.tags}
-    run = client.create_run(experiment_id, run_name=config.tracking.run_name or f"evaluate-{split}", tags=tags)
+    verb = "calibrate" if kind == "calibration" else "evaluate"
+    run = client.create_run(experiment_id, run_name=config.tracking.run_name or f"{verb}-{split}", tags=tags)
     run_id = run.info.run_id
     try:
         params = {"model_uri": model_uri, "split": split, "data.source": str(config.data.source),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import mlflow
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
@@ -35,7 +37,8 @@ def find_runs(client: MlflowClient, experiments: list[str], run_ids: list[str], 
     except mlflow.exceptions.MlflowException as error:
         raise ValueError(f"--filter {filter_string!r}: {error.message}") from None
     records = [_record(run) for run in runs if parent or PARENT_TAG not in run.data.tags]
-    return [record for record in records if not kinds or record.kind in kinds]
+    # a calibration run holds a temperature and validation calibration, no Dice: a row only when asked for
+    return [record for record in records if record.kind in kinds or (not kinds and record.kind != "calibration")]
 
 
 def _get_run(client: MlflowClient, run_id: str) -> Run:
@@ -48,3 +51,25 @@ def _get_run(client: MlflowClient, run_id: str) -> Run:
 def _record(run: Run) -> RunRecord:
     return RunRecord(run.info.run_id, run.info.run_name or run.info.run_id, dict(run.data.metrics),
                      dict(run.data.params), dict(run.data.tags))
+
+
+def calibration_links(client: MlflowClient, records: list[RunRecord]) -> dict[str, dict[str, RunRecord]]:
+    """For each calibration run: the run whose model it calibrated (``source``, with that model's own test
+    evaluation when training made one) and the latest finished test evaluation of the calibrated model (``test``)."""
+    from medseg_lightning.tracking.evaluation import SOURCE_RUN_TAG
+
+    links: dict[str, dict[str, RunRecord]] = {}
+    for record in records:
+        found: dict[str, RunRecord] = {}
+        source = record.tags.get(SOURCE_RUN_TAG)
+        if source:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # deleted: its half of the row stays empty
+                found["source"] = _record(client.get_run(source))
+        experiment = client.get_run(record.run_id).info.experiment_id
+        evaluations = client.search_runs(
+            [experiment], f"tags.`{SOURCE_RUN_TAG}` = '{record.run_id}' and tags.`medseg.split` = 'test' and "
+            "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+        if evaluations:
+            found["test"] = _record(evaluations[0])
+        links[record.run_id] = found
+    return links

@@ -34,6 +34,7 @@ from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.evaluation.evaluate import SPLITS, RunContext, write_outputs
+from medseg_lightning.evaluation.saliency_examples import attach_saliency
 from medseg_lightning.evaluation.scoring import split_group_counts
 from medseg_lightning.inference.bundle import predict_slices, save_bundle
 from medseg_lightning.tracking.test_looks import SplitLooks, count_test_looks, record_test_look
@@ -268,6 +269,9 @@ def _log_outputs(logger: Any, module: CaseModule, datamodule: SegmentationDataMo
         config=config, kind="training", run_id=logger.run_id, root=root, split_counts=datamodule.split_counts(),
         group_counts=split_group_counts({split: dataset.split(split) for split in SPLITS}, config.fairness),
         fingerprint=dataset.fingerprint, test_looks=test_looks)
+    card_split = "test" if "test" in module.reports else "val"
+    if card_split in module.reports:
+        attach_saliency(module.network, dataset.split(card_split), module.reports[card_split], config)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         outputs = write_outputs(module.reports, context, folder)
