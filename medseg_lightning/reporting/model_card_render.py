@@ -223,9 +223,10 @@ def _saliency_blocks(saliency: dict[str, Any] | None) -> list[Block]:
     return [("h3", "Saliency"),
             ("p", f"`{saliency['figure']}` in the run's artifacts shows {methods} maps (captum) for "
                   f"{'; '.join(saliency['cases'])}: which pixels raised the logit of the explained region. Grad-CAM "
-                  "passes the weight-randomisation check in the tests; integrated gradients follows the image "
-                  "intensities as much as the weights (see the saliency explanation in the docs), so read it "
-                  "with care. A map shows where the model looked, not why it is right.")]
+                  "passes the weight-randomisation check (its maps change when the weights are randomised); "
+                  "integrated gradients did not on the hippocampus model (its maps stay nearly the same), so it "
+                  "shows the architecture more than what was learnt. A map shows where the model looked, not why "
+                  "it is right.")]
 
 
 def _uncertainty_blocks(ranking: list[dict[str, Any]] | None) -> list[Block]:

@@ -188,7 +188,9 @@ def save_reliability_plot(confidence: np.ndarray, accuracy: np.ndarray, counts: 
 
 
 def save_saliency_grid(rows: list[dict[str, Any]], labels: dict[int, str], path: Path, title: str = "") -> Path:
-    """One row per case: the image with the explained region, then each saliency map over the image.
+    """One row per case: the image with the explained region, then each saliency map over the image, scaled to
+    its own maximum on that slice (the written maps are scaled per case, where one extreme slice can leave the
+    others dark).
 
     Args:
         rows: ``{"title", "image" (H, W), "region" (H, W) class ids, "maps": {method: (H, W) in [0, 1]}}``.
@@ -204,7 +206,9 @@ def save_saliency_grid(rows: list[dict[str, Any]], labels: dict[int, str], path:
         axis_row[0].set_title(row["title"], fontsize=8)
         for axis, method in zip(axis_row[1:], methods, strict=True):
             axis.imshow(row["image"].T, cmap="gray", origin="lower")
-            axis.imshow(row["maps"][method].T, cmap="inferno", alpha=0.55, vmin=0, vmax=1, origin="lower")
+            values = row["maps"][method]
+            axis.imshow(values.T, cmap="inferno", alpha=0.55, vmin=0, vmax=max(float(values.max()), 1e-12),
+                        origin="lower")
             axis.contour(row["region"].T > 0, levels=[0.5], colors="#42d4f4", linewidths=0.6, origin="lower")
             axis.set_title(method.replace("_", " "), fontsize=8)
         for axis in axis_row:
