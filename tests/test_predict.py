@@ -17,7 +17,7 @@ from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
 from medseg_lightning.data.preprocess import restore_volume
 from medseg_lightning.evaluation.scoring import predict_labels
-from medseg_lightning.inference.bundle import save_bundle
+from medseg_lightning.inference.bundle import load_bundle, save_bundle
 from medseg_lightning.inference.postprocess import keep_largest_components
 from medseg_lightning.tracking import load_logged_bundle
 from medseg_lightning.training.train import run
@@ -320,3 +320,44 @@ def test_tta_averages_each_flip_put_back_in_place_and_the_ensemble() -> None:
     plain = sum(torch.softmax(_ramp_logits(values, rows, cols, *net), dim=1) for net in nets) / 2
     assert (Predictor(bundles, tta=False, device="cpu").probabilities(slices) - plain).abs().max() < 1e-6
     assert (probabilities - plain).abs().max() > 0.1
+
+
+def test_monte_carlo_dropout_members_from_the_command_line(model, cohort: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``--mc-dropout N`` samples a model trained with ``model.head_dropout``: N members, their disagreement as
+    mutual information; a model without dropout is refused before anything is written."""
+    import pandas as pd
+
+    folder, _, bundle = model
+    dropout = bundle.config.model_copy(update={"model": bundle.config.model.model_copy(update={"head_dropout": 0.3})})
+    with_dropout = save_bundle(bundle.network, dropout, bundle.in_channels, tmp_path / "dropout")
+    source = cohort / "imagesTr" / "synth_000.nii.gz"
+    out = tmp_path / "mc"
+    assert main(["predict", "--model", str(with_dropout), "--mc-dropout", "4", "--uncertainty", str(source),
+                 "--out", str(out)]) == 0
+    assert "uncertainty from 4 member(s) (1 model(s) x 1 view(s) x 4 dropout sample(s))" in capsys.readouterr().out
+    assert np.asarray(nib.load(str(out / "synth_000_mutual_information.nii.gz")).dataobj).max() > 0
+    assert pd.read_csv(out / "uncertainty.csv")["member_agreement"].between(0, 1).all()
+    assert main(["predict", "--model", str(folder), "--mc-dropout", "4", str(source),
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "has no dropout layer" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_inputs_at_another_scale_than_training_are_refused_naming_both(model, cohort: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A model that does not resample sees a 2x finer scan with every structure twice its trained size: refused,
+    as is a 2D image without a pixel size, unless the user says the scale matches (``--ignore-spacing``)."""
+    _, _, bundle = model
+    fine = save_bundle(bundle.network, bundle.config, bundle.in_channels, tmp_path / "fine", None, (0.5, 0.5, 1.5))
+    assert load_bundle(fine).training_spacing == (0.5, 0.5, 1.5)
+    source = cohort / "imagesTr" / "synth_000.nii.gz"  # 1 x 1 x 1.5 mm
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "photo.png")
+    assert main(["predict", "--model", str(fine), str(source), "--out", str(tmp_path / "a")]) == 1
+    error = capsys.readouterr().err
+    assert "synth_000: in-plane voxel size 1 x 1 mm; the model was trained on 0.5 x 0.5 mm" in error
+    assert "--ignore-spacing" in error and not (tmp_path / "a" / "synth_000.nii.gz").exists()
+    assert main(["predict", "--model", str(fine), str(tmp_path / "photo.png"), "--out", str(tmp_path / "b")]) == 1
+    assert "photo: no physical pixel size (a 2D image)" in capsys.readouterr().err
+    assert main(["predict", "--model", str(fine), "--ignore-spacing", str(source), "--out", str(tmp_path / "c")]) == 0
+    same = save_bundle(bundle.network, bundle.config, bundle.in_channels, tmp_path / "same", None, (1.1, 0.9, 3.0))
+    assert main(["predict", "--model", str(same), str(source), "--out", str(tmp_path / "d")]) == 0  # within 1.5x

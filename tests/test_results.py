@@ -146,3 +146,21 @@ def test_results_of_a_crosssite_study_are_its_drop_table(tmp_path: Path, monkeyp
     assert "| site | cases | seen in training | not seen | drop |" in out
     assert "| CS | 13 | 0.5850 [0.4850, 0.6850] | 0.6170 [0.5170, 0.7170] | -0.0320 [-0.1320, 0.0680] |" in out
     assert "| HT | 27 |" in out and "Mean drop over the groups: 0.0432" in out and "`medseg crosssite x.yaml`" in out
+
+
+def test_results_uncertainty_table_shows_each_scores_ranking_quality(
+        store: tuple[MlflowClient, dict[str, str]], capsys: pytest.CaptureFixture[str]) -> None:
+    client, _ = store
+    experiment = client.get_experiment_by_name("hippocampus").experiment_id
+    ranking = {"test/uncertainty/entropy_structure/spearman": -0.3204, "test/uncertainty/entropy_structure/n": 40,
+               "test/uncertainty/entropy_structure/aurc": 0.1161, "test/uncertainty/entropy_structure/aurc_oracle":
+               0.1049, "test/uncertainty/entropy_structure/aurc_random": 0.1291}
+    _run(client, experiment, "ranked", _scores("test", 0.9, 0.8, 0.85, 1.5, 40) | ranking, {},
+         {"medseg.command": "medseg train experiments/hippocampus_unet.yaml"})
+    assert main(["results", "--experiment", "hippocampus", "--table", "uncertainty"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | score | cases | Spearman with Dice | AURC | AURC oracle | AURC random |"
+    assert lines[2] == "| ranked | `entropy_structure` | 40 | -0.320 | 0.116 | 0.105 | 0.129 |"
+    assert len([line for line in lines if line.startswith("| ranked")]) == 2  # its row and its provenance
+    assert main(["results", "--experiment", "other", "--table", "uncertainty"]) == 2  # no ranking figures: says so
+    assert "logged test/uncertainty/<score>/spearman" in capsys.readouterr().err

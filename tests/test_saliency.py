@@ -110,7 +110,8 @@ def test_explain_writes_maps_in_the_inputs_geometry_and_protects_them(
 
 
 def test_training_logs_the_saliency_of_its_best_and_worst_test_case(trained) -> None:  # noqa: F811
-    result, _, _ = trained
+    result, root, _ = trained
+    assert load_logged_bundle(f"runs:/{result.run_id}", root).training_spacing == (1.0, 1.0, 1.5)  # the cohort's
     client = MlflowClient(result.tracking_uri)
     assert "metrics/test_saliency.png" in _artifacts(client, result.run_id)
     card = Path(client.download_artifacts(result.run_id, "model_card/model_card.md")).read_text()

@@ -28,6 +28,8 @@ table docs/results/hippocampus.md:cv --experiment hippocampus_unet --kind cross-
 table docs/results/index.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
 table README.md:hippocampus-cv --experiment hippocampus_unet --kind cross-validation
 table docs/results/hippocampus.md:calibration --experiment hippocampus_unet --kind calibration
+table docs/results/hippocampus.md:uncertainty --experiment hippocampus_unet --kind training --table uncertainty \
+  --filter "params.\`trainer.evaluate_test\` = 'True'"
 
 # LGG brain MRI: selection on fold 0's validation patients, the 5-fold cross-validation
 table docs/results/lgg.md:selection --experiment lgg_flair --kind training --split val --filter "$dev"

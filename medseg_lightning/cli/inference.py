@@ -27,7 +27,8 @@ def _predict(args: argparse.Namespace) -> int:
     root = tracking.project_root(Path.cwd())
     predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
                           largest_component=args.largest_component, batch_size=args.batch_size,
-                          device=args.device, min_score=args.min_score, mc_dropout=args.mc_dropout)
+                          device=args.device, min_score=args.min_score, mc_dropout=args.mc_dropout,
+                          check_scale=not args.ignore_spacing)
     if args.uncertainty and not predictor.task.averages_predictions:
         raise ValueError(f"--uncertainty: {predictor.task.name} models predict alone, with no members to compare; "
                          "it applies to semantic models")
@@ -94,7 +95,8 @@ def _triage(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not a folder; give a folder for the worklist")
     root = tracking.project_root(Path.cwd())
     predictor = Predictor([load_model(spec, root) for spec in args.model], tta=args.tta or None,
-                          batch_size=args.batch_size, device=args.device, mc_dropout=args.mc_dropout)
+                          batch_size=args.batch_size, device=args.device, mc_dropout=args.mc_dropout,
+                          check_scale=not args.ignore_spacing)
     if not predictor.task.averages_predictions:
         raise ValueError(f"triage: {predictor.task.name} models predict alone, with no uncertainty to rank by; it "
                          "applies to semantic models")
@@ -147,7 +149,8 @@ def _explain(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder; give a folder for the maps")
     root = tracking.project_root(Path.cwd())
-    predictor = Predictor([load_model(args.model, root)], tta=False, batch_size=args.batch_size, device=args.device)
+    predictor = Predictor([load_model(args.model, root)], tta=False, batch_size=args.batch_size, device=args.device,
+                          check_scale=not args.ignore_spacing)
     if not predictor.task.averages_predictions:
         raise ValueError(f"explain: {predictor.task.name} models are not supported; it explains semantic models")
     class_id = None
@@ -208,6 +211,9 @@ def add_inference_commands(verbs: Any) -> None:
     predict.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                          help="Monte-Carlo dropout: N passes per model and view with dropout on, each a member "
                               "(models trained with model.head_dropout); their mean is the mask")
+    predict.add_argument("--ignore-spacing", action="store_true",
+                         help="predict inputs whose voxel size differs from the training scans' (or is unknown), "
+                              "which are refused by default for models that do not resample")
     predict.add_argument("--min-score", type=float,
                          help="instance models: keep objects from this detection score on (default: the model's)")
     predict.set_defaults(handler=_predict)
@@ -229,6 +235,8 @@ def add_inference_commands(verbs: Any) -> None:
     triage.add_argument("--tta", action="store_true", help="members from the flips too (default: the model's)")
     triage.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                         help="members from N Monte-Carlo dropout passes per model and view (model.head_dropout)")
+    triage.add_argument("--ignore-spacing", action="store_true",
+                        help="rank inputs whose voxel size differs from the training scans' (else listed as failed)")
     triage.add_argument("--force", action="store_true", help="replace files in --out that this command writes")
     triage.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
     triage.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
@@ -251,6 +259,8 @@ def add_inference_commands(verbs: Any) -> None:
                          help="saliency method (repeatable; default: both)")
     explain.add_argument("--stage", type=int,
                          help="encoder stage Grad-CAM reads (default: the deepest at most 8x coarser than the input)")
+    explain.add_argument("--ignore-spacing", action="store_true",
+                         help="explain inputs whose voxel size differs from the training scans'")
     explain.add_argument("--force", action="store_true", help="replace files in --out that this command writes")
     explain.add_argument("--batch-size", type=int, help="slices per pass (default: the model's)")
     explain.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")

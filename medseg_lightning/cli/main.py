@@ -222,6 +222,10 @@ def _results(args: argparse.Namespace) -> int:
         from medseg_lightning.reporting.results import crosssite_markdown
 
         markdown, table = crosssite_markdown(records), None
+    elif args.table == "uncertainty":
+        from medseg_lightning.reporting.results import uncertainty_markdown
+
+        markdown, table = uncertainty_markdown(records, args.split), None
     elif all(record.kind == "calibration" for record in records):
         from medseg_lightning.reporting.results import calibration_markdown
         from medseg_lightning.tracking.results import calibration_links
@@ -345,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run kinds to include (repeatable; default: all but calibration)")
     results.add_argument("--filter", help="MLflow search filter, e.g. \"params.`data.slicing.context` = '1'\"")
     results.add_argument("--split", default="test", choices=["test", "val"], help="the split whose metrics to show")
+    results.add_argument("--table", choices=["dice", "uncertainty"], default="dice",
+                         help="dice: Dice and distances with intervals (default); uncertainty: how well each "
+                              "uncertainty score ranks the cases by their Dice")
     results.add_argument("--csv", type=Path, help="also write every value as CSV to this file")
     results.add_argument("--into", metavar="FILE:BLOCK",
                          help="write the table between <!-- medseg-results BLOCK --> and <!-- /medseg-results --> "

@@ -46,6 +46,7 @@ class ModelBundle:
     config: ExperimentConfig
     in_channels: int
     seen_cases: frozenset[str] = frozenset()  # content digests of the cases that trained or selected the model
+    training_spacing: tuple[float, float, float] | None = None  # median voxel size (mm) of its training cases
 
 
 def build_network(config: ExperimentConfig, in_channels: int, pretrained: bool = False) -> nn.Module:
@@ -60,12 +61,15 @@ def predict_slices(network: nn.Module, config: ExperimentConfig, slices: torch.T
 
 
 def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, folder: Path,
-                seen_cases: list[str] | None = None) -> Path:
+                seen_cases: list[str] | None = None,
+                training_spacing: tuple[float, float, float] | None = None) -> Path:
     """Writes ``weights.safetensors`` and ``model.yaml`` into ``folder``; returns the folder.
 
     Args:
         seen_cases: content digests of the training and validation cases (see ``seen_digest``), so an evaluation
             on cases the model has seen can be refused; no case id is stored.
+        training_spacing: the median voxel size (mm, canonical X, Y, Z) of the training cases when they had one,
+            so prediction can refuse an input at a scale the model never saw (``check_spacing``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in network.state_dict().items()}
@@ -76,7 +80,8 @@ def save_bundle(network: nn.Module, config: ExperimentConfig, in_channels: int, 
     settings["data"]["source"] = portable_source(config.data.source)
     spec = {"format": FORMAT_VERSION, "medseg_version": __version__, "in_channels": in_channels,
             "config": settings,
-            **({"seen_cases": sorted(seen_digest(key) for key in seen_cases)} if seen_cases else {})}
+            **({"seen_cases": sorted(seen_digest(key) for key in seen_cases)} if seen_cases else {}),
+            **({"training_spacing": [float(value) for value in training_spacing]} if training_spacing else {})}
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
 
@@ -145,7 +150,7 @@ def load_bundle(folder: Path) -> ModelBundle:
             check_compatible(members[0].config, member.config)
         seen = frozenset().union(*(member.seen_cases for member in members))
         return ModelBundle(EnsembleNetwork([member.network for member in members]).eval(), members[0].config,
-                           members[0].in_channels, seen)
+                           members[0].in_channels, seen, members[0].training_spacing)
     weights, spec_path = folder / WEIGHTS_FILE, folder / SPEC_FILE
     for path in (weights, spec_path):
         if not path.is_file():
@@ -169,8 +174,10 @@ def load_bundle(folder: Path) -> ModelBundle:
         )
     network.load_state_dict(state)
     network.eval()
+    spacing = spec.get("training_spacing")
     return ModelBundle(network=network, config=config, in_channels=int(spec["in_channels"]),
-                       seen_cases=frozenset(spec.get("seen_cases") or []))
+                       seen_cases=frozenset(spec.get("seen_cases") or []),
+                       training_spacing=tuple(float(value) for value in spacing) if spacing else None)
 
 
 def seen_digest(content_key: str) -> str:

@@ -28,6 +28,7 @@ from medseg_lightning.inference.folding import prepare_for_inference
 from medseg_lightning.inference.inputs import PredictInput, check_finite, load_input
 from medseg_lightning.inference.outputs import write_continuous_map, write_label_map, write_overlay
 from medseg_lightning.inference.postprocess import classes_to_clean, keep_largest_components
+from medseg_lightning.inference.scale import check_spacing
 from medseg_lightning.inference.uncertainty import MemberSummary, case_uncertainty, summarise_members
 
 FLIP_VIEWS: list[tuple[int, ...]] = [(), (-1,), (-2,)]  # TTA: as is, and flipped along each in-plane axis
@@ -38,11 +39,12 @@ class Predictor:
 
     def __init__(self, bundles: list[ModelBundle], tta: bool | None = None, largest_component: bool | None = None,
                  batch_size: int | None = None, device: str | None = None, optimize: bool = True,
-                 min_score: float | None = None, mc_dropout: int = 0) -> None:
+                 min_score: float | None = None, mc_dropout: int = 0, check_scale: bool = True) -> None:
         """``optimize``: run inference copies of the networks (BatchNorm folded, channels-last memory), which
         compute the same output faster; ``min_score``: instance models keep detections from this score on
         (default: the model's ``score_threshold``); ``mc_dropout``: that many passes per model and view with
-        its dropout layers sampling (Monte-Carlo dropout), each pass one member."""
+        its dropout layers sampling (Monte-Carlo dropout), each pass one member; ``check_scale``: refuse inputs
+        whose voxel size the model was not trained on (``scale.check_spacing``)."""
         first = bundles[0].config
         for bundle in bundles[1:]:
             check_compatible(first, bundle.config)
@@ -55,6 +57,7 @@ class Predictor:
         self.networks = [(prepare_for_inference(bundle.network) if optimize else bundle.network.eval()).to(self.device)
                          for bundle in bundles]
         self.temperatures = [bundle.config.inference.temperature or 1.0 for bundle in bundles]
+        self.training_spacing = bundles[0].training_spacing if check_scale else None
         self.tta = first.inference.tta if tta is None else tta
         chosen = first.inference.largest_component if largest_component is None else largest_component
         self.keep_largest = classes_to_clean(chosen, first.data.labels)
@@ -92,6 +95,7 @@ class Predictor:
         if channels * (2 * context + 1) != self.in_channels:
             raise DataError(f"{name}: {channels} channel(s); the model takes {self.in_channels // (2 * context + 1)} "
                             f"({', '.join(self.config.data.image_columns)})")
+        check_spacing(volume, name, self.config, self.training_spacing)
         slices, _, _, meta = preprocess_case(volume, None, self.config.data)
         stacked = stack_context(slices, np.arange(len(slices)), context)
         return torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)), meta

@@ -197,6 +197,37 @@ def crosssite_markdown(records: list[RunRecord]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def uncertainty_markdown(records: list[RunRecord], split: str = "test") -> str:
+    """Per run and uncertainty score: how well the score ranks the split's cases by their Dice (Spearman, and the
+    area under the risk-coverage curve between the oracle's and a random order's, ``uncertainty_ranking.py``).
+
+    Raises:
+        ValueError: no record logged ranking figures on ``split``.
+    """
+    rows = []
+    for record in records:
+        scores = sorted({key.split("/")[2] for key in record.metrics
+                         if key.startswith(f"{split}/uncertainty/") and key.endswith("/spearman")})
+        for score in scores:
+            prefix = f"{split}/uncertainty/{score}"
+            rows.append([record.name, f"`{score}`", _count(record.metrics.get(f"{prefix}/n"), "n/a"),
+                         *(_estimate(record.metrics, f"{prefix}/{name}", 3)
+                           for name in ("spearman", "aurc", "aurc_oracle", "aurc_random"))])
+    if not rows:
+        raise ValueError(f"none of the {len(records)} selected run(s) logged {split}/uncertainty/<score>/spearman")
+    provenance = [[record.name, f"`{portable_command(record.tags.get('medseg.command', 'n/a'))}`",
+                   f"`{record.tags.get('medseg.config_hash', 'n/a')}`",
+                   f"`{record.tags.get('git.commit', 'n/a')[:10]}`"] for record in records]
+    note = (f"Split `{split}`. Spearman: rank correlation of the score with the case's Dice (a useful uncertainty "
+            "score is clearly negative). AURC: area under the risk-coverage curve, risk = 1 - mean Dice of the cases "
+            "kept as the most uncertain are set aside (lower is better), between the oracle (cases sorted by their "
+            "Dice) and random (no skill).")
+    return "\n".join([_md(["run", "score", "cases", "Spearman with Dice", "AURC", "AURC oracle", "AURC random"]),
+                      _md(["---"] * 7), *map(_md, rows), "", note, "",
+                      _md(["run", "command", "configuration", "git commit"]), _md(["---"] * 4),
+                      *map(_md, provenance)]) + "\n"
+
+
 CALIBRATION_RUN = "<CALIBRATION_RUN_ID>"
 
 

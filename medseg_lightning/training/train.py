@@ -285,10 +285,17 @@ def _log_outputs(logger: Any, module: CaseModule, datamodule: SegmentationDataMo
             return None
         network = module.network.cpu().eval().to(memory_format=torch.contiguous_format)
         seen = [dataset.content_keys[case.case.case_id] for split in ("train", "val") for case in dataset.split(split)]
-        bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle", seen)
+        bundle = save_bundle(network, config, datamodule.in_channels, folder / "bundle", seen,
+                             median_spacing(dataset.split("train")))
         example = _example_input(datamodule)
         prediction = predict_slices(network, config, torch.from_numpy(example))
         return tracking.log_model(logger, bundle, example, prediction)
+
+
+def median_spacing(cases: list[Any]) -> tuple[float, float, float] | None:
+    """The median voxel size (mm) per axis of prepared cases that have a physical spacing (None: none has)."""
+    known = [case.meta["spacing"] for case in cases if case.meta.get("spacing_known")]
+    return tuple(float(value) for value in np.median(np.asarray(known, dtype=float), axis=0)) if known else None
 
 
 def _example_input(datamodule: SegmentationDataModule) -> np.ndarray:
