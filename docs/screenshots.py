@@ -216,11 +216,24 @@ def capture(url: str, experiment: str, chromium: str, out: Path) -> None:
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "mlflow_runs_table.png")
         print("mlflow_runs_table.png")
-        boxes = page.locator("[role=row] input[type=checkbox]")
-        for index in (1, 2):  # the first box selects all rows; the next two are the two training runs
-            boxes.nth(index).check()
+        # the two training runs' rows (named <experiment>-<date>-<time>), ticked as a user does: the grid renders
+        # more checkbox inputs than it shows, so a box is found through its row, not by its index
+        rows = page.get_by_role("row").filter(has_text=f"{EXPERIMENT['name']}-")
+        for index in (0, 1):
+            rows.nth(index).get_by_role("checkbox").first.click()
+            page.wait_for_timeout(500)
         page.get_by_role("button", name="Compare").first.click()
         page.get_by_text("Parameters", exact=False).first.wait_for(timeout=60_000)
+        page.wait_for_timeout(3000)
+        pickers = page.get_by_role("combobox")  # Parameters, then Metrics, of the parallel coordinates plot
+        if pickers.count() >= 2:  # the how-to's metrics on the plot, picked as a user would: type, Enter
+            pickers.nth(1).click()
+            for column in COLUMNS:
+                page.keyboard.type(column)
+                page.wait_for_timeout(500)
+                page.keyboard.press("Enter")
+                page.wait_for_timeout(500)
+            page.keyboard.press("Escape")
         page.wait_for_timeout(3000)  # the plots draw after the tables
         page.screenshot(path=out / "mlflow_compare_runs.png")
         print("mlflow_compare_runs.png")
