@@ -169,7 +169,8 @@ def test_non_hierarchical_encoder_works() -> None:
 def test_model_is_a_plain_module() -> None:
     model = create_model("fcn", "test_resnet", 1, 4)
     assert isinstance(model, SegmentationModel) and model.num_classes == 4
-    assert {name for name, _ in model.named_children()} == {"encoder", "decoder", "head"}
+    assert {name for name, _ in model.named_children()} == {"encoder", "decoder", "dropout", "head"}
+    assert isinstance(model.dropout, torch.nn.Identity)  # no head_dropout: nothing between decoder and head
 
 
 def test_pretrained_offline_raises_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
