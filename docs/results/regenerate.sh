@@ -62,5 +62,9 @@ insert_between_markers(Path(file), block, sys.stdin.read())' "$target"
   bench docs/benchmarks.md:train-throughput "$PYTHON" benchmarks/train_throughput.py --steps 30 --repeats 2
   bench docs/explanation/saliency.md:saliency-sanity "$PYTHON" benchmarks/saliency_sanity.py \
     --data experiments/hippocampus_unet.yaml --experiment hippocampus_unet --cases 10
+  # the study's trainings are kept in benchmarks/results/active_learning/results.json: with it, this only reports
+  bench docs/how-to/triage.md:active-learning "$PYTHON" benchmarks/active_learning.py \
+    --data experiments/hippocampus_unet.yaml --out benchmarks/results/active_learning --rounds 2 \
+    --plot docs/images/active_learning.png
   bench docs/benchmarks.md:inference-speed "$PYTHON" benchmarks/inference_speed.py --cases 40 --repeats 3
 fi
