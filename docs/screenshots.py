@@ -109,11 +109,12 @@ def build_fixture(work: Path, env: dict[str, str], sweep: bool) -> None:
            "--hard-group", "sex=F", "--force")
     if sweep:  # first, and in an experiment of its own: the two training runs are the runs table's top rows
         medseg(work, env, "sweep", "sweeps/screenshots.yaml")
-    for arch in ("unet", "fcn"):
-        medseg(work, env, "train", "experiments/screenshots.yaml", "--set", f"model.arch={arch}")
-    # in an experiment of its own too, so its parent runs do not push the two training runs down the table
+    # in an experiment of its own too, so its parent runs do not push the two training runs down the table; and
+    # before them, so the newest fairness plot (the one copied) is a training run's, not the study's pooled one
     medseg(work, env, "crosssite", "experiments/screenshots.yaml", "--attribute", "site",
            "--set", "tracking.experiment_name=screenshots_crosssite")
+    for arch in ("unet", "fcn"):
+        medseg(work, env, "train", "experiments/screenshots.yaml", "--set", f"model.arch={arch}")
 
 
 def mark_as_training(work: Path) -> None:
