@@ -189,6 +189,14 @@ def _write_scores(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda temporary: table.to_csv(temporary, index=False, float_format="%.4f"))
 
 
+def _add_run_options(parser: argparse.ArgumentParser, ignore_spacing_help: str) -> None:
+    """``--ignore-spacing``, ``--force``, ``--batch-size`` and ``--device``, as triage and explain take them."""
+    parser.add_argument("--ignore-spacing", action="store_true", help=ignore_spacing_help)
+    parser.add_argument("--force", action="store_true", help="replace files in --out that this command writes")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+
+
 def add_inference_commands(verbs: Any) -> None:
     """Registers predict, triage and explain on the ``medseg`` subcommand parser."""
     predict = verbs.add_parser("predict", help="segment NIfTI files, DICOM series folders and 2D images")
@@ -235,11 +243,7 @@ def add_inference_commands(verbs: Any) -> None:
     triage.add_argument("--tta", action="store_true", help="members from the flips too (default: the model's)")
     triage.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                         help="members from N Monte-Carlo dropout passes per model and view (model.head_dropout)")
-    triage.add_argument("--ignore-spacing", action="store_true",
-                        help="rank inputs whose voxel size differs from the training scans' (else listed as failed)")
-    triage.add_argument("--force", action="store_true", help="replace files in --out that this command writes")
-    triage.add_argument("--batch-size", type=int, help="slices per forward pass (default: the model's)")
-    triage.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    _add_run_options(triage, "rank inputs whose voxel size differs from the training scans' (else listed as failed)")
     triage.set_defaults(handler=_triage)
 
     from medseg_lightning.inference.saliency import METHODS
@@ -259,9 +263,5 @@ def add_inference_commands(verbs: Any) -> None:
                          help="saliency method (repeatable; default: both)")
     explain.add_argument("--stage", type=int,
                          help="encoder stage Grad-CAM reads (default: the deepest at most 8x coarser than the input)")
-    explain.add_argument("--ignore-spacing", action="store_true",
-                         help="explain inputs whose voxel size differs from the training scans'")
-    explain.add_argument("--force", action="store_true", help="replace files in --out that this command writes")
-    explain.add_argument("--batch-size", type=int, help="slices per pass (default: the model's)")
-    explain.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    _add_run_options(explain, "explain inputs whose voxel size differs from the training scans'")
     explain.set_defaults(handler=_explain)

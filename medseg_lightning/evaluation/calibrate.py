@@ -27,7 +27,7 @@ from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.datamodule import SegmentationDataModule
 from medseg_lightning.data.dataset import CaseDataset
 from medseg_lightning.evaluation.calibration import HISTOGRAM, calibration_summary, pooled, reliability
-from medseg_lightning.evaluation.evaluate import evaluation_config, load_model, local_model_folder
+from medseg_lightning.evaluation.evaluate import evaluation_config, local_model_folder
 from medseg_lightning.evaluation.scoring import predict_with_confidence, score_case
 from medseg_lightning.evaluation.temperature import BOUNDS, TemperatureFit, fit_temperature, region_logits
 from medseg_lightning.inference.bundle import ENSEMBLE_FILE, SPEC_FILE, ModelBundle, load_bundle, predict_slices
@@ -66,49 +66,50 @@ def run_calibration(model_spec: str, experiment: ExperimentConfig, root: Path | 
     if out is not None and out.exists():
         raise ValueError(f"--out {out}: exists; the calibrated model is written to a new folder (choose another)")
     root = root or tracking.project_root(Path.cwd())
-    bundle = load_model(model_spec, root)
-    if not task_of(bundle.config).averages_predictions:
-        raise ValueError(f"calibrate: {bundle.config.task} models output detection scores, not a softmax to scale; "
-                         "it applies to semantic models")
-    config = evaluation_config(experiment, bundle.config)
-    datamodule = SegmentationDataModule(config.data, seed=config.seed)
-    datamodule.setup()
-    if datamodule.in_channels != bundle.in_channels:
-        raise ValueError(f"the model takes {bundle.in_channels} input channels, the data gives "
-                         f"{datamodule.in_channels}")
-    cases = datamodule.dataset.split(SPLIT)
-    if not cases:
-        raise ValueError(f"the experiment's split has no {SPLIT} cases to fit the temperature on; set data.split so "
-                         "that it has a validation split (never calibrate on test)")
-    dataset = CaseDataset(cases, config.data.slicing.context)
-    network = prepare_for_inference(bundle.network)
-    current = bundle.config.inference.temperature or 1.0
-    fit = fit_temperature(region_logits(network, dataset, config.trainer.inference_batch_size), current)
-    if fit.at_bound:
-        warn(f"note: the fitted temperature {fit.temperature:.3g} lies on the searched range's edge {BOUNDS}")
-    before = _calibration_at(network, dataset, config, current)
-    after = _calibration_at(network, dataset, config, fit.temperature)
-    with tempfile.TemporaryDirectory() as tmp, evaluation_run(
-            config, root, model_spec, SPLIT, datamodule.dataset.fingerprint, kind="calibration") as (client, run_id):
-        folder = calibrated_copy(_model_folder(model_spec, root, Path(tmp) / "download"), Path(tmp) / "calibrated",
-                                 fit)
-        calibrated = load_bundle(folder)
-        metrics = {f"{SPLIT}/calibration/temperature": fit.temperature, f"{SPLIT}/calibration/nll": fit.nll_after,
-                   f"{SPLIT}/calibration/nll_uncalibrated": fit.nll_before, f"{SPLIT}/n_cases": float(len(cases))}
-        metrics |= {f"{SPLIT}/{key}": value for key, value in after["summary"].items()}
-        metrics |= {f"{SPLIT}/{key}_uncalibrated": value for key, value in before["summary"].items()}
-        log_metrics(client, run_id, metrics)
-        plots = [plot for plot in (_plot(before, Path(tmp) / f"{SPLIT}_reliability_uncalibrated.png", "uncalibrated"),
-                                   _plot(after, Path(tmp) / f"{SPLIT}_reliability.png",
-                                         f"T = {fit.temperature:.3g}")) if plot]
-        tracking.log_report(client, run_id, plots, "calibration", {"medseg.temperature": f"{fit.temperature:.6g}"},
-                            None)
-        example = _example(calibrated, config)
-        model_uri = tracking.log_model_to_run(client.tracking_uri, run_id, folder, example,
-                                              predict_slices(calibrated.network, calibrated.config,
-                                                             torch.from_numpy(example)))
-        if out is not None:
-            shutil.copytree(folder, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _model_folder(model_spec, root, Path(tmp) / "download")  # read once: loaded, then copied
+        bundle = load_bundle(source)
+        if not task_of(bundle.config).averages_predictions:
+            raise ValueError(f"calibrate: {bundle.config.task} models output detection scores, not a softmax to "
+                             "scale; it applies to semantic models")
+        config = evaluation_config(experiment, bundle.config)
+        datamodule = SegmentationDataModule(config.data, seed=config.seed)
+        datamodule.setup()
+        if datamodule.in_channels != bundle.in_channels:
+            raise ValueError(f"the model takes {bundle.in_channels} input channels, the data gives "
+                             f"{datamodule.in_channels}")
+        cases = datamodule.dataset.split(SPLIT)
+        if not cases:
+            raise ValueError(f"the experiment's split has no {SPLIT} cases to fit the temperature on; set data.split "
+                             "so that it has a validation split (never calibrate on test)")
+        dataset = CaseDataset(cases, config.data.slicing.context)
+        network = prepare_for_inference(bundle.network)
+        current = bundle.config.inference.temperature or 1.0
+        fit = fit_temperature(region_logits(network, dataset, config.trainer.inference_batch_size), current)
+        if fit.at_bound:
+            warn(f"note: the fitted temperature {fit.temperature:.3g} lies on the searched range's edge {BOUNDS}")
+        before = _calibration_at(network, dataset, config, current)
+        after = _calibration_at(network, dataset, config, fit.temperature)
+        with evaluation_run(config, root, model_spec, SPLIT, datamodule.dataset.fingerprint,
+                            kind="calibration") as (client, run_id):
+            folder = calibrated_copy(source, Path(tmp) / "calibrated", fit)
+            metrics = {f"{SPLIT}/calibration/temperature": fit.temperature, f"{SPLIT}/calibration/nll": fit.nll_after,
+                       f"{SPLIT}/calibration/nll_uncalibrated": fit.nll_before, f"{SPLIT}/n_cases": float(len(cases))}
+            metrics |= {f"{SPLIT}/{key}": value for key, value in after["summary"].items()}
+            metrics |= {f"{SPLIT}/{key}_uncalibrated": value for key, value in before["summary"].items()}
+            log_metrics(client, run_id, metrics)
+            plots = [plot for plot in (_plot(before, Path(tmp) / f"{SPLIT}_reliability_uncalibrated.png",
+                                             "uncalibrated"),
+                                       _plot(after, Path(tmp) / f"{SPLIT}_reliability.png",
+                                             f"T = {fit.temperature:.3g}")) if plot]
+            tracking.log_report(client, run_id, plots, "calibration",
+                                {"medseg.temperature": f"{fit.temperature:.6g}"}, None)
+            example = _example(bundle, config)  # the labels of one model do not depend on its temperature
+            model_uri = tracking.log_model_to_run(client.tracking_uri, run_id, folder, example,
+                                                  predict_slices(bundle.network, bundle.config,
+                                                                 torch.from_numpy(example)))
+            if out is not None:
+                shutil.copytree(folder, out)
     return CalibrationResult(fit, before["summary"], after["summary"], run_id, client.tracking_uri, model_uri, out,
                              time.perf_counter() - started)
 

@@ -13,14 +13,13 @@ import sys
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from medseg_lightning.config.schema import ExperimentConfig
 from medseg_lightning.config.tasks import task_of
 from medseg_lightning.data.cache import PreparedCase
 from medseg_lightning.data.dataset import CaseDataset
-from medseg_lightning.evaluation.scoring import EvaluationReport
+from medseg_lightning.evaluation.scoring import EvaluationReport, predict_labels
 
 
 def attach_saliency(network: nn.Module, cases: list[PreparedCase], report: EvaluationReport,
@@ -48,16 +47,13 @@ def _examples(network: nn.Module, cases: list[PreparedCase], report: EvaluationR
     chosen = [("best", scored[-1])] + ([("worst", scored[0])] if len(scored) > 1 else [])
     position = {case.case.case_id: index for index, case in enumerate(cases)}
     dataset = CaseDataset(cases, config.data.slicing.context)
-    device = next(network.parameters()).device
     centre = config.data.slicing.context * len(config.data.image_columns)
     rows = []
     was_training = network.training
     network.eval()
     for label, (value, case_id) in chosen:
         item = dataset[position[case_id]]
-        with torch.no_grad():
-            predicted = torch.cat([network(item["image"][start : start + 8].to(device)).argmax(1).cpu()
-                                   for start in range(0, len(item["image"]), 8)]).numpy()
+        predicted = predict_labels(network, item["image"], config.trainer.inference_batch_size)
         region, source = (predicted, "predicted") if predicted.any() else (item["mask"].numpy(), "reference")
         if not region.any():
             continue

@@ -39,8 +39,12 @@ def save_overlay(image: np.ndarray, truth: np.ndarray | None, prediction: np.nda
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         figure.suptitle(title, fontsize=10)
+    return _save(figure, path, dpi=100)
+
+
+def _save(figure: Figure, path: Path, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -215,7 +219,4 @@ def save_saliency_grid(rows: list[dict[str, Any]], labels: dict[int, str], path:
             axis.axis("off")
     if title:
         figure.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=100)
